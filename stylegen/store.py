@@ -1,0 +1,201 @@
+"""An index on disk: FAISS vectors + parquet metadata + manifest + fitted compressor.
+
+Layout of an index directory ``DIR``::
+
+    DIR/CURRENT            name of the live snapshot (replaced atomically)
+    DIR/v000002/           one complete snapshot
+        manifest.json      backbone, weights hash, taps, parts, compression, dim, versions
+        index.faiss        inner-product index over the normalised vectors
+        vectors.npy        the same vectors (float32), for heads and per-part search
+        metadata.parquet   one row per vector: image, path, content_hash, genres, ...
+        compressor.npz     fitted per-part projections
+        raw_<part>.npy     uncompressed part vectors (float16), to refit PCA as it grows
+    DIR/heads/             trained heads (tied to the snapshot's feature_id)
+    DIR/pending/           checkpoints of an unfinished embed run
+
+A snapshot is written to a temporary folder and only then named in CURRENT, so an
+interrupted write leaves the previous index intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from stylegen.compress import Compressor
+from stylegen.config import EmbedConfig
+from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
+
+FORMAT_VERSION = 1
+EXACT_LIMIT = 100_000  # below this many vectors, exact search is fast and best
+
+
+def choose_index_key(n: int, dim: int) -> str:
+    """FAISS factory string for ``n`` vectors of ``dim``: exact when small, graph/IVF when large."""
+    if n < EXACT_LIMIT:
+        return "Flat"
+    if n < 2_000_000:
+        return "HNSW32"
+    nlist = int(4 * np.sqrt(n))
+    return f"IVF{nlist},Flat" if dim <= 512 else f"IVF{nlist},PQ{dim // 8}"
+
+
+def build_faiss(vectors: np.ndarray, key: str) -> faiss.Index:
+    index = faiss.index_factory(vectors.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += _config_diff(va, vb, f"{prefix}{key}.")
+        elif (list(va) if isinstance(va, tuple) else va) != (list(vb) if isinstance(vb, tuple) else vb):
+            diffs.append(f"{prefix}{key}: index has {va!r}, asked for {vb!r}")
+    return diffs
+
+
+@dataclass
+class Index:
+    """A stylegen index opened from disk (read-only view of one snapshot)."""
+
+    root: Path
+    snapshot: Path
+    manifest: dict[str, Any]
+    metadata: pd.DataFrame
+    vectors: np.ndarray
+    compressor: Compressor
+    faiss_index: faiss.Index
+    _part_indexes: dict[str, faiss.Index] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: str | Path, use_gpu: bool | None = None) -> Index:
+        root = Path(root)
+        current = root / "CURRENT"
+        if not current.is_file():
+            raise IndexNotFoundError(f"no stylegen index at {root} (run `stylegen embed SOURCE --index {root}`)")
+        snap = root / current.read_text().strip()
+        try:
+            manifest = json.loads((snap / "manifest.json").read_text())
+            metadata = pd.read_parquet(snap / "metadata.parquet")
+            vectors = np.load(snap / "vectors.npy", mmap_mode="r")
+            compressor = Compressor.load(snap / "compressor.npz")
+            index = faiss.read_index(str(snap / "index.faiss"))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise IndexNotFoundError(f"index at {root} is damaged: {exc}") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise IndexMismatchError(f"index format {manifest.get('format_version')} is not supported")
+        if _want_gpu(use_gpu) and manifest["index_key"] == "Flat":
+            index = faiss.index_cpu_to_all_gpus(index)
+        return cls(root, snap, manifest, metadata, vectors, compressor, index)
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    @property
+    def config(self) -> EmbedConfig:
+        return EmbedConfig.from_dict(self.manifest["config"])
+
+    @property
+    def feature_id(self) -> str:
+        """Identifies the vector space (settings + fitted compressor): heads are tied to it."""
+        return self.manifest["feature_id"]
+
+    @property
+    def slices(self) -> dict[str, tuple[int, int]]:
+        return {p: tuple(s) for p, s in self.manifest["slices"].items()}
+
+    def check_compatible(self, config: EmbedConfig) -> None:
+        """Refuse a query embedded with other settings than the collection."""
+        diffs = _config_diff(self.manifest["config"], config.to_dict())
+        if diffs:
+            raise IndexMismatchError(f"index {self.root} was built with other settings: {diffs[0]}")
+
+    def part_vectors(self, vectors: np.ndarray, by: str) -> np.ndarray:
+        """The columns of one part (``style``/``content``), renormalised; ``both`` as is."""
+        if by == "both":
+            return np.ascontiguousarray(vectors, dtype=np.float32)
+        if by not in self.slices:
+            raise StylegenError(f"this index has no {by!r} part (it has: {', '.join(self.slices)})")
+        a, b = self.slices[by]
+        v = np.asarray(vectors[:, a:b], dtype=np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def search(self, vectors: np.ndarray, k: int = 10, by: str = "both") -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (similarities, ids) for each query vector; ids index ``metadata`` rows."""
+        q = self.part_vectors(np.atleast_2d(vectors), by)
+        k = min(k, len(self))
+        if by == "both":
+            return self.faiss_index.search(q, k)
+        if by not in self._part_indexes:
+            self._part_indexes[by] = build_faiss(self.part_vectors(self.vectors, by), "Flat")
+        return self._part_indexes[by].search(q, k)
+
+
+def _want_gpu(use_gpu: bool | None) -> bool:
+    has = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    return has if use_gpu is None else (use_gpu and has)
+
+
+def write_snapshot(
+    root: Path,
+    manifest: dict[str, Any],
+    vectors: np.ndarray,
+    metadata: pd.DataFrame,
+    compressor: Compressor,
+    raw: dict[str, np.ndarray] | None,
+) -> Path:
+    """Write a complete new snapshot, then switch CURRENT to it and drop older ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    previous = (root / "CURRENT").read_text().strip() if (root / "CURRENT").is_file() else None
+    number = int(previous[1:]) + 1 if previous else 1
+    name = f"v{number:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        np.save(tmp / "vectors.npy", vectors.astype(np.float32))
+        faiss.write_index(build_faiss(vectors, manifest["index_key"]), str(tmp / "index.faiss"))
+        metadata.reset_index(drop=True).to_parquet(tmp / "metadata.parquet", index=False)
+        compressor.save(tmp / "compressor.npz")
+        for part, x in (raw or {}).items():
+            np.save(tmp / f"raw_{part}.npy", x.astype(np.float16))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "CURRENT", name + "\n")
+    for old in root.glob("v[0-9]*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_raw(index: Index) -> dict[str, np.ndarray] | None:
+    """The uncompressed part vectors stored with a snapshot (None when not kept)."""
+    files = {p: index.snapshot / f"raw_{p}.npy" for p in index.slices}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    return {p: np.load(f).astype(np.float32) for p, f in files.items()}
