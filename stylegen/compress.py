@@ -36,7 +36,7 @@ def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int
     """Fit one part's projection on the collection's raw vectors ``x`` (n, d_in)."""
     x = np.asarray(x, dtype=np.float32)
     n, d_in = x.shape
-    if method == "none" or dim >= d_in:
+    if method == "none" or (method == "rp" and dim >= d_in) or (method == "pca" and n < 2):
         return Projection(np.zeros(d_in, np.float32), np.eye(d_in, dtype=np.float32), np.ones(d_in, np.float32))
     if method == "rp":
         rp = GaussianRandomProjection(n_components=dim, random_state=seed).fit(x[:1])

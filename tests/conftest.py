@@ -1,0 +1,62 @@
+"""Shared fixtures: generated images (never real covers), a seeded RNG, the real-data path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COVERS_CSV = REAL_DATA / "covers" / "covers.csv"
+GTZAN_CSV = REAL_DATA / "gtzan" / "features_30_sec.csv"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def make_image(path: Path, kind: int, size: int = 64, seed: int = 0) -> Path:
+    """A small synthetic 'cover': stripes, checks or a gradient per ``kind``, plus noise."""
+    r = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    if kind % 3 == 0:
+        base = ((x // 8) % 2) * 200
+    elif kind % 3 == 1:
+        base = (((x // 8) + (y // 8)) % 2) * 200
+    else:
+        base = x * 255 // size
+    rgb = np.stack([base, np.roll(base, kind * 5, axis=1), 255 - base], axis=-1)
+    rgb = np.clip(rgb + r.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+@pytest.fixture
+def genre_folder(tmp_path: Path) -> Path:
+    """A folder with one subfolder per genre, 3 generated images each."""
+    root = tmp_path / "covers"
+    for g, genre in enumerate(["jazz", "metal"]):
+        for i in range(3):
+            make_image(root / genre / f"{genre}{i}.jpg", kind=g, seed=10 * g + i)
+    return root
+
+
+def add_bad_files(folder: Path) -> dict[str, str]:
+    """Write one of each kind of bad file; returns name -> expected reason fragment."""
+    good = make_image(folder / "tmp_good.jpg", kind=2)
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("1", (9000, 9000)).save(folder / "huge.png")  # 81 Mpx, a few kB on disk
+    return {"truncated.jpg": "truncated", "empty.jpg": "empty", "notes.txt": "not a readable image",
+            "huge.png": "too large"}
+
+
+def needs_real_data(path: Path = COVERS_CSV):
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data)")

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from stylegen import backbones
+from stylegen.config import BackboneConfig, FeatureConfig
+from stylegen.errors import ModelNotFoundError, StylegenError
+from stylegen.features import Featurizer
+
+
+def test_lite0_default_taps_and_packaged_weights():
+    bb = backbones.build(BackboneConfig())
+    assert bb.taps == ("stage2", "stage3", "stage4", "stage5") and bb.image_size == 224
+    assert bb.mean == (0.5, 0.5, 0.5)  # inputs scaled to [-1, 1]
+    acts, content = bb.forward(torch.zeros(1, 3, 224, 224))
+    assert [a.shape[1] for a in acts.values()] == [24, 40, 80, 112]
+    assert content.shape == (1, 1280)
+    assert len(bb.weights_id) == 64 and not bb.model.training
+
+
+def test_unknown_backbone_tap_and_weights_are_clear_errors(tmp_path):
+    with pytest.raises(StylegenError, match="unknown backbone"):
+        backbones.build(BackboneConfig(name="resnet9000"))
+    with pytest.raises(StylegenError, match="no tap 'stage99'"):
+        backbones.build(BackboneConfig(taps=("stage99",)))
+    with pytest.raises(ModelNotFoundError):
+        backbones.build(BackboneConfig(weights=str(tmp_path / "missing.pth")))
+
+
+@pytest.mark.parametrize("arch", ["RN50", "ViT-S-32"])
+def test_open_clip_random_init_backbone_gives_style_and_content(arch):
+    bb = backbones.build(BackboneConfig(name=f"open_clip:{arch}"))  # random init: no download
+    assert bb.weights_id == "random-init"
+    feat = Featurizer(bb, FeatureConfig(max_gram_channels=32), torch.device("cpu"))
+    pixels = np.random.default_rng(0).integers(0, 255, (2, bb.image_size, bb.image_size, 3), dtype=np.uint8)
+    out = feat(pixels)
+    assert out["style"].shape == (2, len(bb.taps) * 32 * 33 // 2)
+    assert out["content"].shape[0] == 2
+    assert np.isfinite(out["style"]).all()

@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from stylegen.compress import Compressor, combine
+from stylegen.config import CompressionConfig
+
+
+@pytest.mark.parametrize("method", ["pca", "rp", "none"])
+def test_compressor_round_trip_shapes(tmp_path, rng, method):
+    raw = {"style": rng.normal(size=(50, 40)).astype(np.float32),
+           "content": rng.normal(size=(50, 12)).astype(np.float32)}
+    comp = Compressor.fit(raw, CompressionConfig(method=method, dims={"style": 8, "content": 8}))
+    out = comp.transform(raw)
+    expected = {"pca": (8, 8), "rp": (8, 8), "none": (40, 12)}[method]
+    assert (out["style"].shape[1], out["content"].shape[1]) == expected
+    comp.save(tmp_path / "c.npz")
+    again = Compressor.load(tmp_path / "c.npz").transform(raw)
+    for part in raw:
+        np.testing.assert_allclose(out[part], again[part], rtol=1e-6)
+
+
+def test_pca_dims_are_capped_by_collection_size(rng):
+    raw = {"style": rng.normal(size=(5, 40)).astype(np.float32)}
+    comp = Compressor.fit(raw, CompressionConfig(dims={"style": 256}))
+    assert comp.dims["style"] == 4
+
+
+def test_whitened_pca_has_unit_variance(rng):
+    x = rng.normal(size=(400, 20)) * np.arange(1, 21)
+    comp = Compressor.fit({"style": x}, CompressionConfig(dims={"style": 5}, whiten=True))
+    y = comp.transform({"style": x})["style"]
+    np.testing.assert_allclose(y.std(axis=0, ddof=1), np.ones(5), rtol=1e-3)
+
+
+def test_combine_weights_parts_and_normalises():
+    parts = {"style": np.array([[3.0, 4.0]]), "content": np.array([[1.0, 0.0, 0.0]])}
+    v, slices = combine(parts, {"style": 1.0, "content": 1.0})
+    assert slices == {"style": (0, 2), "content": (2, 5)}
+    np.testing.assert_allclose(v, [[0.6, 0.8, 1.0, 0.0, 0.0]] / np.sqrt(2), rtol=1e-6)
+    v2, _ = combine(parts, {"style": 1.0, "content": 0.0})
+    np.testing.assert_allclose(v2[0, 2:], 0.0)
