@@ -7,7 +7,6 @@ and the caller lists them in the run's report.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,18 +102,16 @@ def open_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_
 
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImageError(f"image too large ({w}x{h} pixels)")
-            if w < 1 or h < 1:
-                raise BadImageError("image has no pixels")
-            if img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            img = img.convert("RGB")
-            img.load()
+        img = Image.open(fp)
+        w, h = img.size  # from the header: checked before any pixel is decoded
+        if w * h > min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
+            raise BadImageError(f"image too large ({w}x{h} pixels)")
+        if w < 1 or h < 1:
+            raise BadImageError("image has no pixels")
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        img.load()
     except BadImageError:
         raise
     except FileNotFoundError:

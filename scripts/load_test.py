@@ -1,0 +1,284 @@
+"""Loopback load test of the stylegen service.
+
+Starts the service in this process (uvicorn in a thread, 127.0.0.1 only), sends N requests
+at a fixed concurrency, alternately to /similar and /classify, each uploading a real cover,
+and prints a markdown report: p50/p95 latency per endpoint, throughput, errors and this
+process's resident memory before and after.
+
+    python scripts/load_test.py --index indexes/covers            # the real engine
+    python scripts/load_test.py --fake -n 200 --concurrency 8     # service overhead only
+
+Client and server share one process (and its GIL), so latencies include client overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_COVERS = REPO.parent / "shared" / "data" / "covers" / "covers.csv"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+ENDPOINTS = ("/similar", "/classify")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_covers(source: Path, limit: int) -> list[Path]:
+    """Up to ``limit`` image files from a folder or a CSV manifest (``image`` column)."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.suffix.lower() == ".csv":
+        with source.open(newline="", encoding="utf-8") as f:
+            files = [source.parent / row["image"] for row in csv.DictReader(f)]
+    else:
+        raise SystemExit(f"covers must be a folder or a .csv manifest: {source}")
+    files = [p for p in files if p.is_file()][:limit]
+    if not files:
+        raise SystemExit(f"no cover images found in {source}")
+    return files
+
+
+class FakeEngine:
+    """A stand-in engine for measuring the service alone: cheap, deterministic answers."""
+
+    GENRES = ("rock", "metal", "jazz", "pop", "electronic", "hip-hop")
+
+    def __init__(self, covers: list[Path]) -> None:
+        self.covers = covers
+
+    def _check(self, cover_id: int) -> None:
+        if not 0 <= cover_id < len(self.covers):
+            raise KeyError(cover_id)
+
+    def _genres(self, seed: int, top: int) -> dict:
+        weights = [((seed * 31 + i * 17) % 97) + 1 for i in range(len(self.GENRES))]
+        total = sum(weights)
+        ranked = sorted(zip(self.GENRES, weights, strict=True), key=lambda gw: -gw[1])[:top]
+        genres = [{"genre": g, "probability": w / total, "path": [g]} for g, w in ranked]
+        return {"genres": genres, "levels": {"genre": genres}}
+
+    def _neighbours(self, seed: int, k: int, query: int | None) -> list[dict]:
+        n = len(self.covers)
+        ids = [(seed + 7 * i) % n for i in range(min(k, n))]
+        return [{"id": i, "similarity": 1.0 - r / (2 * k), "genres": [self.GENRES[i % 6]],
+                 "artist": "", "album": self.covers[i].stem, "is_query": i == query}
+                for r, i in enumerate(ids)]
+
+    def classify(self, image, top: int = 3) -> dict:
+        image.resize((64, 64))  # touch the pixels, as a model would
+        return self._genres(sum(image.size), top)
+
+    def classify_id(self, cover_id: int, top: int = 3) -> dict:
+        self._check(cover_id)
+        return self._genres(cover_id, top)
+
+    def similar(self, image, k: int = 12, by: str = "both") -> list[dict]:
+        image.resize((64, 64))
+        return self._neighbours(sum(image.size), k, None)
+
+    def similar_id(self, cover_id: int, k: int = 12, by: str = "both") -> list[dict]:
+        self._check(cover_id)
+        return self._neighbours(cover_id, k, cover_id)
+
+    def cover_path(self, cover_id: int) -> Path:
+        self._check(cover_id)
+        return self.covers[cover_id]
+
+    def info(self) -> dict:
+        return {"count": len(self.covers), "backbone": "fake", "parts": [],
+                "genres": list(self.GENRES)}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (psutil if installed, else /proc/self/status)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            return parse_vmrss(Path("/proc/self/status").read_text())
+        except OSError:
+            return None
+    return psutil.Process().memory_info().rss
+
+
+def parse_vmrss(status: str) -> int | None:
+    """Bytes from the ``VmRSS:   123456 kB`` line of /proc/<pid>/status."""
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            return int(value) * {"kB": 1024, "mB": 1024**2}.get(unit, 1)
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Tally:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in ENDPOINTS})
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDPOINTS, 0))
+    messages: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, endpoint: str, seconds: float, error: str | None) -> None:
+        with self.lock:
+            self.latencies[endpoint].append(seconds)
+            if error:
+                self.errors[endpoint] += 1
+                self.messages[error] = self.messages.get(error, 0) + 1
+
+
+def run_load(base_url: str, payloads: list[tuple[str, bytes]], *, requests: int,
+             concurrency: int, max_seconds: float, k: int, top: int, by: str) -> tuple[Tally, float]:
+    """Send ``requests`` requests (or stop at ``max_seconds``); returns the tally and wall time."""
+    tally = Tally()
+    counter = iter(range(requests))
+    counter_lock = threading.Lock()
+    started = time.perf_counter()
+    deadline = started + max_seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    with httpx.Client(base_url=base_url, timeout=60, limits=limits) as client:
+        def worker() -> None:
+            while time.perf_counter() < deadline:
+                with counter_lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                endpoint = ENDPOINTS[i % 2]
+                name, data = payloads[(i // 2) % len(payloads)]
+                params = {"k": k, "by": by} if endpoint == "/similar" else {"top": top}
+                t0 = time.perf_counter()
+                try:
+                    r = client.post(endpoint, files={"image": (name, data)}, data=params)
+                    error = None if r.status_code == 200 else f"{r.status_code} {r.text[:120]}"
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                tally.add(endpoint, time.perf_counter() - t0, error)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            for future in [pool.submit(worker) for _ in range(concurrency)]:
+                future.result()
+    return tally, time.perf_counter() - started
+
+
+def report(tally: Tally, wall: float, rss_before: int | None, rss_after: int | None,
+           settings: str) -> str:
+    """The markdown report."""
+    def ms(seconds: float) -> str:
+        return f"{1000 * seconds:.1f}"
+
+    def mib(n: int | None) -> str:
+        return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+    lines = [f"**Load test** ({settings})", "",
+             "| endpoint | requests | errors | p50 ms | p95 ms | max ms | mean ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    total = 0
+    for endpoint in ENDPOINTS:
+        lat = tally.latencies[endpoint]
+        total += len(lat)
+        if lat:
+            lines.append(f"| {endpoint} | {len(lat)} | {tally.errors[endpoint]} | "
+                         f"{ms(percentile(lat, 50))} | {ms(percentile(lat, 95))} | "
+                         f"{ms(max(lat))} | {ms(statistics.fmean(lat))} |")
+        else:
+            lines.append(f"| {endpoint} | 0 | 0 | - | - | - | - |")
+    errors = sum(tally.errors.values())
+    lines += ["", "| total requests | errors | wall s | throughput req/s | RSS before | RSS after |",
+              "|---:|---:|---:|---:|---:|---:|",
+              (f"| {total} | {errors} | {wall:.1f} | {total / wall if wall else 0:.1f} | "
+               f"{mib(rss_before)} | {mib(rss_after)} |")]
+    if tally.messages:
+        lines += ["", "Errors:"] + [f"- {n} x {m}" for m, n in sorted(tally.messages.items())]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- server
+
+
+def start_server(app) -> tuple[str, object, threading.Thread]:
+    """uvicorn in a daemon thread on a free loopback port; returns (url, server, thread)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise SystemExit("the server did not start")
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", type=Path, help="index directory for stylegen.engine.Engine")
+    source.add_argument("--fake", action="store_true", help="a fake engine: service overhead only")
+    parser.add_argument("--covers", type=Path, default=DEFAULT_COVERS,
+                        help="folder or CSV manifest of covers to upload (default: %(default)s)")
+    parser.add_argument("-n", "--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--max-covers", type=int, default=200, help="distinct covers to upload")
+    parser.add_argument("-k", type=int, default=12)
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--by", choices=("style", "content", "both"), default="both")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
+        parser.error("--requests, --concurrency and --max-seconds must be positive")
+
+    from stylegen.service import create_app
+
+    files = list_covers(args.covers, args.max_covers)
+    payloads = [(p.name, p.read_bytes()) for p in files]
+    if args.fake:
+        engine = FakeEngine(files)
+    else:
+        from stylegen.engine import Engine
+
+        engine = Engine.open(args.index)
+    url, server, thread = start_server(create_app(engine))
+    try:
+        httpx.get(f"{url}/healthz", timeout=10).raise_for_status()
+        rss_before = resident_bytes()
+        tally, wall = run_load(url, payloads, requests=args.requests,
+                               concurrency=args.concurrency, max_seconds=args.max_seconds,
+                               k=args.k, top=args.top, by=args.by)
+        rss_after = resident_bytes()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    engine_name = "fake engine" if args.fake else f"index {args.index}"
+    settings = (f"{engine_name}, {len(payloads)} covers, concurrency {args.concurrency}, "
+                f"k={args.k}, top={args.top}, by={args.by}")
+    print(report(tally, wall, rss_before, rss_after, settings))
+    return 1 if sum(tally.errors.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""End to end: the web page in headless Chromium against a live server on 127.0.0.1.
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` and ``pip install selenium``;
+skipped otherwise. No browser is ever downloaded (the driver path is given explicitly, so
+Selenium Manager is not run). The screenshot lands in ``tmp_path`` and ``out/browser/page.png``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from stylegen.service import create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,1250",
+)
+K = 12  # the page's default number of similar covers
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def browser_engine(tmp_path: Path):
+    """The engine behind the page: for now the fake engine over generated covers."""
+    from tests.test_service import FakeEngine, write_covers
+
+    return FakeEngine(write_covers(tmp_path / "covers"))
+
+
+@pytest.fixture
+def live_server(browser_engine):
+    """The app under uvicorn in a thread, on a loopback port chosen by the OS."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(browser_engine), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the server did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture
+def driver(tmp_path: Path):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver "
+                    "(apt-get install chromium chromium-driver)")
+    pytest.importorskip("selenium", reason="needs selenium (pip install selenium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def page_state(drv) -> dict:
+    """What the test looks at, read in one round trip."""
+    return drv.execute_script("""
+        const status = document.querySelector('#status');
+        const grid = document.querySelector('#similar-grid');
+        const cards = [...document.querySelectorAll('#similar-grid .cover-card')];
+        return {
+          state: status.dataset.state, status: status.textContent,
+          bars: [...document.querySelectorAll('#genre-bars .genre-bar .bar-label')]
+                  .map(e => e.textContent),
+          cards: cards.map(c => Number(c.dataset.id)),
+          query: grid.dataset.query || '',
+          thumbsLoaded: cards.every(c => { const i = c.querySelector('img');
+                                          return i.complete && i.naturalWidth > 0; }),
+          preview: document.querySelector('#query-preview').getAttribute('src') || '',
+        };""")
+
+
+def wait_for(drv, condition, what: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = page_state(drv)
+        if condition(state):
+            return state
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; page state: {state}")
+        time.sleep(0.05)
+
+
+def expected_labels(genres: list[dict]) -> list[str]:
+    return [" › ".join(g.get("path") or [g["genre"]]) for g in genres]
+
+
+def test_upload_then_browse_similar_covers(driver, live_server, browser_engine, tmp_path: Path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    api = httpx.Client(base_url=live_server, timeout=30)
+    driver.get(live_server + "/")
+    wait_for(driver, lambda s: s["state"] == "ready", "the page to load the index info")
+    assert driver.find_element(By.ID, "drop-zone").is_displayed()
+    file_input = driver.find_element(By.ID, "file-input")
+
+    # an error from the API is shown in #status, and the page keeps working
+    not_a_cover = tmp_path / "notes.txt"
+    not_a_cover.write_text("these are not the covers you are looking for\n")
+    file_input.send_keys(str(not_a_cover))
+    state = wait_for(driver, lambda s: s["state"] == "error", "the error message")
+    assert "not an image" in state["status"]
+
+    # upload a cover: genre bars and at least K similar covers, as the API says
+    cover = Path(browser_engine.cover_path(0))
+    file_input.send_keys(str(cover))
+    state = wait_for(driver, lambda s: s["state"] == "ok" and s["bars"] and len(s["cards"]) >= K
+                     and s["thumbsLoaded"], "genres and similar covers")
+    with cover.open("rb") as f:
+        genres = api.post("/classify", files={"image": f}, data={"top": 5}).json()["genres"]
+    with cover.open("rb") as f:
+        similar = api.post("/similar", files={"image": f}, data={"k": K}).json()["neighbours"]
+    assert state["bars"] == expected_labels(genres)
+    assert state["cards"] == [n["id"] for n in similar]
+    assert state["query"] == "upload" and state["preview"].startswith("blob:")
+
+    # click a neighbour: the grid refreshes from that cover
+    target = state["cards"][-1]
+    driver.find_element(By.CSS_SELECTOR, f'#similar-grid .cover-card[data-id="{target}"]').click()
+    state = wait_for(driver, lambda s: s["state"] == "ok" and s["query"] == f"id:{target}"
+                     and len(s["cards"]) >= K and s["thumbsLoaded"], "the grid to refresh")
+    expected = api.post("/similar", data={"id": target, "k": K}).json()["neighbours"]
+    assert state["cards"] == [n["id"] for n in expected]
+    assert state["preview"] == f"/covers/{target}"
+
+    # the by selector asks again, by style
+    Select(driver.find_element(By.ID, "by")).select_by_value("style")
+    state = wait_for(driver, lambda s: s["state"] == "ok" and "by style" in s["status"],
+                     "the style search")
+    by_style = api.post("/similar", data={"id": target, "k": K, "by": "style"}).json()
+    assert state["cards"] == [n["id"] for n in by_style["neighbours"]]
+
+    ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
+    shot = tmp_path / "page.png"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    (REPO / "out" / "browser").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, REPO / "out" / "browser" / "page.png")
+
+    # no script errors or CSP violations (the 415 of the bad upload is expected)
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
+              and "status of 415" not in e["message"]]
+    assert severe == []
