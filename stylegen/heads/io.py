@@ -1,0 +1,115 @@
+"""Save and load fitted heads: a joblib file plus a JSON sidecar naming what it was fitted on.
+
+The sidecar ``<path>.json`` records the head's class, parameters, classes and the caller's
+``feature_id`` (which vectors it was fitted on), so a head can be checked without unpickling.
+Loading unpickles the head: only load files you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from stylegen.errors import DataError, IndexMismatchError, ModelNotFoundError
+
+FORMAT = 1
+
+
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _jsonable(value: Any) -> Any:
+    """Parameters as JSON: plain values kept, estimators nested, anything else by type name."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, BaseEstimator):
+        return {"class": type(value).__name__, "params": _params(value)}
+    return f"<{type(value).__name__}>"
+
+
+def _params(head: BaseEstimator) -> dict[str, Any]:
+    return {k: _jsonable(v) for k, v in head.get_params(deep=False).items()}
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_head(head: BaseEstimator, path: str | Path, *, feature_id: str | None = None) -> Path:
+    """Write ``head`` to ``path`` and its sidecar to ``<path>.json``; returns ``path``."""
+    path = Path(path)
+    try:
+        check_is_fitted(head)
+    except NotFittedError as exc:
+        raise DataError(f"cannot save an unfitted {type(head).__name__}") from exc
+    info = {
+        "format": FORMAT,
+        "head": type(head).__name__,
+        "module": type(head).__module__,
+        "params": _params(head),
+        "classes": [str(c) for c in head.classes_],
+        "feature_id": feature_id,
+    }
+    _atomic_write(path, lambda tmp: joblib.dump(head, tmp))
+    text = json.dumps(info, indent=2)
+    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def read_head_info(path: str | Path) -> dict[str, Any]:
+    """The sidecar of the head saved at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"no head at {path}")
+    try:
+        return json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"head {path} has no sidecar {sidecar_path(path).name}") from exc
+    except ValueError as exc:
+        raise DataError(f"sidecar of head {path} is not valid JSON: {exc}") from exc
+
+
+def load_head(path: str | Path, *, expect_feature_id: str | None = None) -> BaseEstimator:
+    """Load a head saved by :func:`save_head`.
+
+    With ``expect_feature_id``, a head fitted on other vectors raises IndexMismatchError
+    before anything is unpickled.
+    """
+    path = Path(path)
+    info = read_head_info(path)
+    if expect_feature_id is not None and info.get("feature_id") != expect_feature_id:
+        raise IndexMismatchError(f"head {path} was fitted on features {info.get('feature_id')!r}, "
+                                 f"not {expect_feature_id!r}")
+    try:
+        head = joblib.load(path)
+    except Exception as exc:  # a truncated or foreign file: report it in one line
+        raise DataError(f"cannot read head {path}: {type(exc).__name__}: {exc}") from exc
+    classes = [str(c) for c in getattr(head, "classes_", [])]
+    if type(head).__name__ != info.get("head") or classes != info.get("classes"):
+        raise DataError(f"head {path} does not match its sidecar (saved by another run?)")
+    return head

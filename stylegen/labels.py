@@ -1,0 +1,295 @@
+"""Genre labels: parsing catalogue cells, frequency filtering, a genre taxonomy, target encoding.
+
+Cells follow ``covers.csv``: ``genre`` holds one genre (empty when a cover carries several) and
+``genres`` all of them, ``|``-separated. Names are compared lower-cased and stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import MultiLabelBinarizer
+
+from stylegen.errors import DataError
+
+
+def split_genres(value: Any) -> list[str]:
+    """``"Rock| pop|rock"`` -> ``["rock", "pop"]``; NaN, None and ``""`` -> ``[]``."""
+    if isinstance(value, (list, tuple, set, np.ndarray)):
+        parts = [str(v) for v in value]
+    elif value is None or pd.isna(value):
+        return []
+    elif isinstance(value, str):
+        parts = value.split("|")
+    else:
+        raise DataError(f"genre cell must be text, got {type(value).__name__}: {value!r}")
+    names = (p.strip().lower() for p in parts)
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _columns(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    if "genre" not in df.columns and "genres" not in df.columns:
+        raise DataError("labels need a 'genre' or a 'genres' column")
+    empty = pd.Series([None] * len(df), index=df.index, dtype=object)
+    return df.get("genre", empty), df.get("genres", empty)
+
+
+def single_labels(df: pd.DataFrame) -> pd.Series:
+    """One genre per row: ``genre``, else the only entry of ``genres``; None when 0 or >1."""
+    genre, genres = _columns(df)
+    out = []
+    for one, many in zip(genre, genres):
+        labels = split_genres(one) or split_genres(many)
+        out.append(labels[0] if len(labels) == 1 else None)
+    return pd.Series(out, index=df.index, dtype=object, name="genre")
+
+
+def multi_labels(df: pd.DataFrame) -> list[list[str]]:
+    """All genres per row, from ``genres`` and falling back to ``genre``."""
+    genre, genres = _columns(df)
+    return [split_genres(many) or split_genres(one) for one, many in zip(genre, genres)]
+
+
+def frequent_genres(genre_lists: Sequence[Sequence[str]], min_fraction: float = 0.05) -> list[str]:
+    """Genres carried by at least ``min_fraction`` of the items, most frequent first."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise DataError(f"min_fraction must lie in [0, 1], got {min_fraction}")
+    counts = Counter(g for genres in genre_lists for g in dict.fromkeys(genres))
+    need = min_fraction * len(genre_lists)
+    return [g for g, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= need]
+
+
+def filter_genres(genre_lists: Sequence[Sequence[str]], keep: Iterable[str]) -> list[list[str]]:
+    """Drop every genre not in ``keep``; an item may end up with an empty list."""
+    keep = set(keep)
+    return [[g for g in genres if g in keep] for genres in genre_lists]
+
+
+def _key(name: str) -> str:
+    """Spelling-insensitive key: "Hip Hop", "hip-hop" and "hiphop" meet, as do "&" and "and"."""
+    return re.sub(r"[^0-9a-z]", "", name.lower().replace("&", "and"))
+
+
+@dataclass(frozen=True, eq=False)
+class Taxonomy:
+    """A forest of genres; build with :meth:`from_tree`, :meth:`load` or :meth:`default`."""
+
+    parents: Mapping[str, str | None]
+    children: Mapping[str, tuple[str, ...]] = field(repr=False)
+    keys: Mapping[str, str] = field(repr=False)
+
+    @classmethod
+    def from_tree(cls, tree: Mapping[str, Sequence[str] | None]) -> Taxonomy:
+        """``{parent: [child, ...]}``; a child may itself be a key, giving deeper levels."""
+        if not isinstance(tree, Mapping):
+            raise DataError("taxonomy must map each parent genre to a list of children")
+        parents: dict[str, str | None] = {}
+        children: dict[str, list[str]] = {}
+        for raw_parent, raw_kids in tree.items():
+            parent = _node_name(raw_parent)
+            if raw_kids is not None and not isinstance(raw_kids, list):
+                raise DataError(f"children of {parent!r} must be a list of genre names")
+            parents.setdefault(parent, None)
+            kids = children.setdefault(parent, [])
+            for child in map(_node_name, raw_kids or []):
+                if parents.get(child) not in (None, parent):
+                    twice = f"{parents[child]!r}, {parent!r}"
+                    raise DataError(f"genre {child!r} has two parents: {twice}")
+                if child not in kids:
+                    kids.append(child)
+                parents[child] = parent
+        for name in parents:  # walk up from every node: meeting a node twice is a cycle
+            seen = [name]
+            while (up := parents[seen[-1]]) is not None:
+                if up in seen:
+                    raise DataError("taxonomy has a cycle: " + " -> ".join([*seen, up]))
+                seen.append(up)
+        keys: dict[str, str] = {}
+        for name in parents:
+            if keys.setdefault(_key(name), name) != name:
+                raise DataError(f"taxonomy spells one genre twice: {keys[_key(name)]!r}, {name!r}")
+        return cls(parents, {k: tuple(v) for k, v in children.items()}, keys)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Taxonomy:
+        """Read a YAML or JSON ``{parent: [child, ...]}`` file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except OSError as exc:
+            raise DataError(f"cannot read taxonomy {path}: {exc.strerror or exc}") from exc
+        except (ValueError, yaml.YAMLError) as exc:
+            raise DataError(f"taxonomy {path} is not valid JSON/YAML: {exc}") from exc
+        return cls.from_tree(tree)
+
+    @classmethod
+    def default(cls) -> Taxonomy:
+        """The packaged ``stylegen/data/taxonomy.yaml``."""
+        text = resources.files("stylegen").joinpath("data/taxonomy.yaml").read_text("utf-8")
+        return cls.from_tree(yaml.safe_load(text))
+
+    def __contains__(self, genre: object) -> bool:
+        return genre in self.parents
+
+    def find(self, genre: str, match_suffix: bool = False) -> str | None:
+        """The taxonomy's spelling of ``genre`` ("Hip Hop" -> "hip-hop"), or None when unknown.
+
+        With ``match_suffix`` an unknown name falls back to its longest known word suffix,
+        as in Spotify-style names: "atl hip hop" -> "hip-hop", "album rock" -> "rock".
+        """
+        words = genre.lower().split()
+        for start in range(len(words) if match_suffix else 1):
+            if (name := self.keys.get(_key(" ".join(words[start:])))) is not None:
+                return name
+        return None
+
+    def _known(self, genre: str) -> str:
+        if genre not in self.parents:
+            raise DataError(f"genre {genre!r} is not in the taxonomy")
+        return genre
+
+    def parent(self, genre: str) -> str | None:
+        return self.parents[self._known(genre)]
+
+    def path(self, genre: str) -> list[str]:
+        """Root first: ``path("thrash metal") == ["metal", "thrash metal"]``."""
+        out = [self._known(genre)]
+        while (up := self.parents[out[-1]]) is not None:
+            out.append(up)
+        return out[::-1]
+
+    def level_of(self, genre: str) -> int:
+        """0 for a root, 1 for its children, and so on."""
+        return len(self.path(genre)) - 1
+
+    def ancestor(self, genre: str, level: int = 0) -> str:
+        """The ancestor at ``level``, or ``genre`` itself when it sits at or above it."""
+        path = self.path(genre)
+        return path[min(level, len(path) - 1)]
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        return tuple(g for g, p in self.parents.items() if p is None)
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        return tuple(g for g in self.parents if not self.children.get(g))
+
+    def roll_up(
+        self, proba: np.ndarray, classes: Sequence[str], level: int = 0
+    ) -> tuple[np.ndarray, list[str]]:
+        """Sum class probabilities into their ancestors at ``level`` (sorted by name).
+
+        A class at or above ``level`` keeps its own column; an unknown class raises DataError.
+        """
+        proba = np.asarray(proba, dtype=np.float64)
+        if proba.ndim != 2 or proba.shape[1] != len(classes):
+            raise DataError(f"proba has shape {proba.shape}, expected (n, {len(classes)})")
+        targets = [self.ancestor(c, level) for c in classes]
+        groups = sorted(set(targets))
+        member = np.zeros((len(classes), len(groups)))
+        member[np.arange(len(classes)), [groups.index(t) for t in targets]] = 1.0
+        return proba @ member, groups
+
+
+def _node_name(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataError(f"taxonomy genre names must be non-empty text, got {raw!r}")
+    return raw.strip().lower()
+
+
+def map_to_taxonomy(
+    genre_lists: Sequence[Sequence[str]],
+    taxonomy: Taxonomy,
+    level: int | Literal["parent"] = 0,
+    keep_unknown: bool = False,
+    match_suffix: bool = False,
+) -> list[list[str]]:
+    """Replace each genre by its ancestor at ``level`` (0: top level; "parent": one step up).
+
+    Unknown genres are dropped, or kept unchanged with ``keep_unknown``; duplicates that
+    the mapping creates are merged, first occurrence first.
+    """
+    if level != "parent" and (not isinstance(level, int) or level < 0):
+        raise DataError(f"level must be a depth (0 = top) or 'parent', got {level!r}")
+    out = []
+    for genres in genre_lists:
+        mapped = []
+        for genre in genres:
+            name = taxonomy.find(genre, match_suffix)
+            if name is None:
+                mapped += [genre] if keep_unknown else []
+            elif level == "parent":
+                mapped.append(taxonomy.parent(name) or name)
+            else:
+                mapped.append(taxonomy.ancestor(name, level))
+        out.append(list(dict.fromkeys(mapped)))
+    return out
+
+
+def encode_targets(
+    y: Any, multi_label: bool, n_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels -> (targets, classes_): class indices (n,), or a 0/1 matrix (n, C) if multi-label."""
+    if multi_label:
+        rows = list(y)
+        if any(isinstance(r, str) or not isinstance(r, Iterable) for r in rows):
+            raise DataError("multi-label targets must be a list of label lists: [['pop'], ...]")
+        binarizer = MultiLabelBinarizer().fit(rows)
+        targets, classes = binarizer.transform(rows).astype(np.float32), binarizer.classes_
+    else:
+        y = np.asarray(y, dtype=object)
+        if y.ndim != 1 or any(isinstance(v, (list, tuple, set)) for v in y):
+            raise DataError("single-label targets must be flat; use multi_label=True for lists")
+        if (missing := int(pd.isna(y).sum())) > 0:
+            raise DataError(f"{missing} rows have no label; drop them before fitting")
+        classes, targets = np.unique(y, return_inverse=True)
+    if n_rows is not None and len(targets) != n_rows:
+        raise DataError(f"got {len(targets)} labels for {n_rows} feature rows")
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes to fit, got {list(classes)}")
+    return targets, np.asarray(classes, dtype=object)
+
+
+def decode_predictions(
+    proba: np.ndarray, classes: np.ndarray, multi_label: bool, threshold: float = 0.5
+) -> np.ndarray | list[list[str]]:
+    """Most probable class per row, or every label at or above ``threshold`` if multi-label."""
+    if multi_label:
+        return [list(classes[row >= threshold]) for row in proba]
+    return classes[np.argmax(proba, axis=1)]
+
+
+def stratified_split(
+    targets: np.ndarray, fraction: float, random_state: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation), stratified on the class (or label set) where possible."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"validation fraction must lie in [0, 1), got {fraction}")
+    targets = np.asarray(targets)
+    rows = np.arange(len(targets))
+    if targets.ndim == 1:
+        candidates = [targets]
+    else:  # the whole label set, else the first label, else nothing
+        candidates = [np.array(["|".join(map(str, r)) for r in targets.astype(int)]),
+                      np.where(targets.any(1), targets.argmax(1), -1)]
+    n_val = round(fraction * len(rows))
+    if n_val == 0:
+        return rows, rows[:0]
+    for key in candidates:
+        counts = np.unique(key, return_counts=True)[1]
+        if counts.min() >= 2 and len(counts) <= min(n_val, len(rows) - n_val):
+            return train_test_split(rows, test_size=n_val, stratify=key, random_state=random_state)
+    return train_test_split(rows, test_size=n_val, random_state=random_state)

@@ -1,0 +1,238 @@
+"""Heads learn planted structure, honour scikit-learn's contract, and save/load exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from stylegen.errors import DataError, IndexMismatchError, ModelNotFoundError
+from stylegen.heads import (
+    EnsembleHead,
+    HierarchicalHead,
+    KNNHead,
+    LinearHead,
+    MLPHead,
+    load_head,
+    read_head_info,
+    save_head,
+    vote,
+    vote_multi,
+)
+from stylegen.labels import Taxonomy
+
+CLASSES = np.array(["country", "jazz", "metal", "rock"], dtype=object)
+MEANS = np.random.default_rng(123).normal(size=(4, 32))
+MEANS /= np.linalg.norm(MEANS, axis=1, keepdims=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """Tiny problems: extra BLAS/OpenMP threads only spin-wait (20x slower on a busy 2-core box)."""
+    with threadpool_limits(1):
+        yield
+
+
+def blobs(n: int, seed: int, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised 32-d vectors around one of 4 class means, and their string labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    X = MEANS[y] + rng.normal(scale=noise, size=(n, 32))
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), CLASSES[y]
+
+
+def multi_blobs(n: int, seed: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Each item carries 1 or 2 labels; its vector is the sum of their means plus noise."""
+    rng = np.random.default_rng(seed)
+    sets = [rng.choice(4, size=rng.integers(1, 3), replace=False) for _ in range(n)]
+    X = np.stack([MEANS[s].sum(0) for s in sets]) + rng.normal(scale=0.2, size=(n, 32))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), [sorted(CLASSES[s]) for s in sets]
+
+
+def small_mlp(**kw) -> MLPHead:
+    params = {"hidden": (64,), "max_epochs": 60, "patience": 10, "batch_size": 64, "num_threads": 1}
+    return MLPHead(**{**params, **kw})
+
+
+FACTORIES = {
+    "linear": lambda ml: LinearHead(multi_label=ml),
+    "mlp": lambda ml: small_mlp(multi_label=ml),
+    "knn": lambda ml: KNNHead(k=10, multi_label=ml),
+    "ensemble": lambda ml: EnsembleHead(LinearHead(multi_label=ml), KNNHead(multi_label=ml)),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs(400, seed=0), blobs(300, seed=1)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_single_label_heads_learn(name, data):
+    (X, y), (X_test, y_test) = data
+    head = FACTORIES[name](False)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(head)
+    assert head.fit(X, y) is head
+    check_is_fitted(head)
+    assert head.classes_.tolist() == CLASSES.tolist()
+    proba = head.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 4)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    predicted = head.predict(X_test)
+    np.testing.assert_array_equal(predicted, head.classes_[proba.argmax(1)])
+    assert np.mean(predicted == y_test) > 0.85  # chance is 0.25
+    assert clone(head).get_params().keys() == head.get_params().keys()
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_multi_label_heads_learn(name):
+    X, y = multi_blobs(500, seed=0)
+    X_test, y_test = multi_blobs(300, seed=1)
+    head = FACTORIES[name](True).fit(X, y)
+    proba = head.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 4) and ((proba >= 0) & (proba <= 1)).all()
+    predicted = head.predict(X_test)
+    hits = sum(len(set(p) & set(t)) for p, t in zip(predicted, y_test))
+    n_pred, n_true = sum(map(len, predicted)), sum(map(len, y_test))
+    f1 = 2 * hits / (n_pred + n_true)
+    assert f1 > 0.8, f1
+    assert np.mean([sorted(p) == t for p, t in zip(predicted, y_test)]) > 0.6
+
+
+def test_mlp_is_seeded_and_leaves_global_rng_alone(data):
+    (X, y), (X_test, _) = data
+    state = torch.random.get_rng_state()
+    first = small_mlp(max_epochs=5).fit(X, y).predict_proba(X_test)
+    assert torch.equal(state, torch.random.get_rng_state())
+    np.testing.assert_array_equal(first, small_mlp(max_epochs=5).fit(X, y).predict_proba(X_test))
+    other = small_mlp(max_epochs=5, random_state=1).fit(X, y).predict_proba(X_test)
+    assert not np.allclose(first, other)
+
+
+def test_mlp_early_stopping_restores_best_epoch(data):
+    (X, y), _ = data
+    head = small_mlp(max_epochs=400, patience=3, lr=0.05).fit(X, y)
+    assert head.n_epochs_ < 400
+    assert head.n_epochs_ - 1 - head.best_epoch_ == 3
+    assert head.history_[head.best_epoch_] == min(head.history_)
+
+
+def test_vote_arithmetic_by_hand():
+    # weights = softmax([0.9, 0.8, 0.1] / 0.1) = e^9, e^8, e^1 over their sum
+    total = math.exp(9) + math.exp(8) + math.exp(1)
+    expected = [(math.exp(9) + math.exp(1)) / total, math.exp(8) / total, 0.0]
+    proba = vote(np.array([[0.9, 0.8, 0.1]]), np.array([[0, 1, 0]]), n_classes=3, temperature=0.1)
+    np.testing.assert_allclose(proba[0], expected, rtol=1e-12)
+    # a missing neighbour (-1) is ignored; a row without neighbours is uniform
+    proba = vote(np.array([[0.5, 0.9], [0.3, 0.2]]), np.array([[2, -1], [-1, -1]]), 3, 0.1)
+    np.testing.assert_allclose(proba, [[0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
+    with pytest.raises(DataError, match="temperature"):
+        vote(np.zeros((1, 1)), np.zeros((1, 1), int), 2, temperature=0)
+
+
+def test_vote_multi_arithmetic_by_hand():
+    sims = np.array([[1.0, 0.0], [0.5, 0.5]])
+    labels = np.array([[[1, 1, 0], [0, 1, 1]], [[1, 0, 0], [0, 0, 0]]])
+    w = math.exp(10) / (math.exp(10) + 1)  # softmax([1.0, 0.0] / 0.1)
+    valid = np.array([[True, True], [False, False]])
+    proba = vote_multi(sims, labels, temperature=0.1, valid=valid, prior=np.array([0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(proba, [[w, 1.0, 1 - w], [0.2, 0.3, 0.4]])
+
+
+def test_knn_excludes_the_query_itself(data):
+    (X, y), _ = data
+    knn = KNNHead(k=5).fit(X, y)
+    _, ids = knn.kneighbors(X[:50])
+    assert (ids[:, 0] == np.arange(50)).all()  # without exclusion each query finds itself
+    sims, ids = knn.kneighbors(X[:50], exclude=np.arange(50))
+    assert ids.shape == (50, 5) and (ids != np.arange(50)[:, None]).all() and (ids >= 0).all()
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    # a label carried by one vector only: its own vote disappears once it is excluded
+    lonely = np.array(list(y[:-1]) + ["reggae"], dtype=object)
+    knn = KNNHead(k=3).fit(X, lonely)
+    col = knn.classes_.tolist().index("reggae")
+    assert knn.predict_proba(X[-1:])[0, col] > 0.3
+    assert knn.predict_proba(X[-1:], exclude=np.array([len(X) - 1]))[0, col] == 0.0
+    assert knn.predict_proba(X[-1:], exclude=np.array([-1]))[0, col] > 0.3
+
+
+def test_knn_with_fewer_vectors_than_k():
+    X, y = blobs(6, seed=3)
+    proba = KNNHead(k=50).fit(X, y).predict_proba(X, exclude=np.arange(6))
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+
+
+def test_ensemble_blends_its_fitted_heads(data):
+    (X, y), (X_test, _) = data
+    head = EnsembleHead(LinearHead(), KNNHead(), weights=[0.0, 0.3, 1.0]).fit(X, y)
+    assert head.weight_ in (0.0, 0.3, 1.0)
+    assert head.val_losses_[[0.0, 0.3, 1.0].index(head.weight_)] == head.val_losses_.min()
+    blended = (head.weight_ * head.head_.predict_proba(X_test)
+               + (1 - head.weight_) * head.knn_.predict_proba(X_test))
+    np.testing.assert_allclose(head.predict_proba(X_test), blended)
+    with pytest.raises(DataError, match="multi_label"):
+        EnsembleHead(LinearHead(), KNNHead(multi_label=True)).fit(X, y)
+
+
+def test_hierarchical_head_levels_are_consistent():
+    taxonomy = Taxonomy.default()
+    fine = np.array(["thrash metal", "death metal", "bebop", "deep house"], dtype=object)
+    X, y = blobs(300, seed=0)
+    labels = fine[np.searchsorted(CLASSES, y)]
+    head = HierarchicalHead(LinearHead(), taxonomy).fit(X, labels)
+    X_test, y_test = blobs(100, seed=1)
+    levels = head.predict_levels(X_test)
+    assert list(levels) == ["top", "level1", "fine"]
+    top, top_classes = levels["top"]
+    assert top_classes == ["electronic", "jazz", "metal"]
+    fine_p, fine_classes = levels["fine"]
+    np.testing.assert_allclose(top.sum(1), 1.0)
+    metal = [fine_classes.index("thrash metal"), fine_classes.index("death metal")]
+    np.testing.assert_allclose(top[:, 2], fine_p[:, metal].sum(1))
+    mid, mid_classes = levels["level1"]
+    np.testing.assert_allclose(mid[:, mid_classes.index("house")],
+                               fine_p[:, fine_classes.index("deep house")])
+    top_truth = np.array([taxonomy.path(g)[0] for g in fine[np.searchsorted(CLASSES, y_test)]])
+    assert np.mean(np.array(top_classes)[top.argmax(1)] == top_truth) > 0.85
+    paths = head.predict_paths(X_test[:2], top=2)
+    assert len(paths[0]) == 2 and paths[0][0][1] >= paths[0][1][1]
+    assert paths[0][0][0][-1] in fine and paths[0][0][0][0] in taxonomy.roots
+    with pytest.raises(DataError, match="not in the taxonomy.*polka"):
+        HierarchicalHead(LinearHead(), taxonomy).fit(X, np.where(y == "jazz", "polka", y))
+    with pytest.raises(DataError, match="single-label"):
+        HierarchicalHead(LinearHead(multi_label=True), taxonomy).fit(X, labels)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "knn", "ensemble"])
+def test_save_load_round_trip(name, data, tmp_path):
+    (X, y), (X_test, _) = data
+    head = FACTORIES[name](False).fit(X, y)
+    path = save_head(head, tmp_path / "heads" / "genre.joblib", feature_id="gram-abc")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["genre.joblib", "genre.joblib.json"]
+    info = read_head_info(path)
+    assert info["head"] == type(head).__name__ and info["classes"] == CLASSES.tolist()
+    assert info["feature_id"] == "gram-abc"
+    loaded = load_head(path, expect_feature_id="gram-abc")
+    np.testing.assert_array_equal(loaded.predict_proba(X_test), head.predict_proba(X_test))
+    with pytest.raises(IndexMismatchError, match="gram-abc"):
+        load_head(path, expect_feature_id="clip-xyz")
+
+
+def test_load_errors(tmp_path, data):
+    with pytest.raises(ModelNotFoundError):
+        load_head(tmp_path / "absent.joblib")
+    with pytest.raises(DataError, match="unfitted"):
+        save_head(LinearHead(), tmp_path / "h.joblib")
+    (X, y), _ = data
+    path = save_head(KNNHead().fit(X, y), tmp_path / "h.joblib", feature_id="f")
+    path.write_bytes(b"truncated")
+    with pytest.raises(DataError, match="cannot read head"):
+        load_head(path)
