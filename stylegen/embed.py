@@ -329,6 +329,7 @@ def _manifest(config: EmbedConfig, featurizer: Featurizer, compressor: Compresso
         "count": int(vectors.shape[0]),
         "index_key": choose_index_key(*vectors.shape),
         "metric": "inner_product",
+        "precision": featurizer.precision,
         "feature_id": feature_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"stylegen": stylegen.__version__, "torch": torch.__version__,

@@ -1,0 +1,117 @@
+"""Score an index's genre models: on a held-out test manifest, or by cross-validation.
+
+``evaluate_test`` embeds the test images exactly as the index was built and scores the
+trained heads; covers that the heads were trained on are left out (and counted), so a
+score is never computed on fitted data. ``cross_validate`` compares heads and feature
+parts on the index itself with artist-disjoint folds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from stylegen import images
+from stylegen.engine import Engine
+from stylegen.errors import DataError
+from stylegen.evaluate import (
+    compare_table,
+    cross_val_predict_proba,
+    grouped_metrics,
+    multi_label_metrics,
+    single_label_metrics,
+)
+from stylegen.labels import multi_labels, single_labels
+from stylegen.store import Index
+from stylegen.train import HEAD_NAMES, artist_groups, labelled_rows, make_heads
+
+PART_CHOICES = ("style", "content", "both")
+
+
+def evaluate_test(
+    engine: Engine,
+    manifest: str | Path,
+    method: str | None = None,
+    tabular: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``method`` on the labelled images of a test manifest (CSV or folder)."""
+    items = images.list_source(manifest)
+    vectors, good, bad = engine.embed_paths(items["path"].tolist())
+    items = items.iloc[good].reset_index(drop=True)
+    tab = tabular[good] if tabular is not None else None
+    hashes = [images.hash_file(p)[0] for p in items["path"]]
+    trained = set(engine.index.metadata["content_hash"].to_numpy()[engine.head_config["train_rows"]])
+    fresh = np.array([h not in trained for h in hashes], dtype=bool)
+    result: dict[str, Any] = {"n_images": len(items) + len(bad), "n_unreadable": len(bad),
+                              "n_in_training_excluded": int((~fresh).sum()), "bad": bad}
+    items, vectors = items[fresh].reset_index(drop=True), vectors[fresh]
+    tab = tab[fresh] if tab is not None else None
+    if not len(items):
+        raise DataError("no test image is left: all are unreadable or were used to train the heads")
+    proba, classes = engine.predict_proba(vectors, method, tabular=tab)
+    if engine.head_config["labels"] == "multi":
+        result.update(multi_label_metrics(multi_labels(items), proba, classes))
+        return result
+    y = single_labels(items)
+    lab = y.notna().to_numpy()
+    if not lab.any():
+        raise DataError(f"test manifest {manifest} has no single-label rows (column genre)")
+    metrics = single_label_metrics(y[lab].astype(str).tolist(), proba[lab], classes)
+    if "source" in items.columns:
+        metrics["by_source"] = grouped_metrics(y[lab].astype(str).tolist(), proba[lab], classes,
+                                               items["source"][lab].tolist())
+    multi = multi_labels(items)
+    if any(len(g) > 1 for g in multi):
+        metrics["multi_label"] = multi_label_metrics(multi, proba, classes)
+    result.update(metrics)
+    return result
+
+
+def cross_validate(
+    index_dir: str | Path,
+    n_splits: int = 5,
+    heads: Sequence[str] = HEAD_NAMES,
+    parts: Sequence[str] = PART_CHOICES,
+    seed: int = 0,
+    tabular: np.ndarray | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Artist-disjoint CV of each head on each feature part; returns (table, metrics)."""
+    index = Index.open(index_dir, use_gpu=False)
+    rows, y = labelled_rows(index.metadata, "single")
+    groups = artist_groups(index.metadata)[rows]
+    sources = index.metadata["source"].to_numpy()[rows] if "source" in index.metadata else None
+    results: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        if part != "both" and part not in index.slices:
+            continue
+        X = index.part_vectors(np.asarray(index.vectors)[rows], part)
+        for name in heads:
+            proto = make_heads(False, seed)[name]
+            proba, classes = cross_val_predict_proba(lambda p=proto: clone(p), X, y, groups,
+                                                     n_splits=n_splits, random_state=seed)
+            m = single_label_metrics(y, proba, classes)
+            if sources is not None:
+                m["by_source"] = grouped_metrics(y, proba, classes, sources)
+            results[f"{name} / {part}"] = m
+    if tabular is not None:
+        results.update(_cv_tabular(index, rows, y, groups, tabular, n_splits, seed))
+    return compare_table(results), results
+
+
+def _cv_tabular(index: Index, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                tabular: np.ndarray, n_splits: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Image-only, tabular-only and hybrid MLP heads under the same folds."""
+    X = np.asarray(index.vectors)[rows]
+    tab = np.asarray(tabular, np.float32)[rows]
+    out = {}
+    for mode in ("image", "tabular", "hybrid"):
+        proto = make_heads(False, seed, mode)["mlp"]
+        proba, classes = cross_val_predict_proba(lambda p=proto: clone(p), X, y, groups, n_splits=n_splits,
+                                                 random_state=seed, extra={"tabular": tab})
+        out[f"mlp-{mode}"] = single_label_metrics(y, proba, classes)
+    return out
