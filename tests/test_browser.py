@@ -32,12 +32,36 @@ K = 12  # the page's default number of similar covers
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def browser_engine(tmp_path: Path):
-    """The engine behind the page: for now the fake engine over generated covers."""
-    from tests.test_service import FakeEngine, write_covers
+@pytest.fixture(scope="module")
+def browser_engine(tmp_path_factory):
+    """The real engine behind the page: a small index of real covers (generated ones when
+    ../shared/data is absent) with trained heads, the model loaded once."""
+    import pandas as pd
+    from threadpoolctl import threadpool_limits
 
-    return FakeEngine(write_covers(tmp_path / "covers"))
+    import stylegen
+    from stylegen.config import CompressionConfig, EmbedConfig
+    from stylegen.engine import Engine
+    from stylegen.train import train
+    from tests.conftest import COVERS_CSV, make_image
+
+    root = tmp_path_factory.mktemp("browser")
+    if COVERS_CSV.exists():
+        rows = pd.read_csv(COVERS_CSV)
+        rows = rows[rows["genre"].notna()].groupby("genre").head(6).reset_index(drop=True)
+        rows["image"] = [str(COVERS_CSV.parent / p) for p in rows["image"]]
+    else:
+        paths = [make_image(root / "img" / f"{g}{i}.png", kind=k, seed=10 * k + i)
+                 for k, g in enumerate(["jazz", "metal", "pop"]) for i in range(6)]
+        rows = pd.DataFrame({"image": [str(p) for p in paths], "genre": [p.stem[:-1] for p in paths]})
+    rows.to_csv(root / "covers.csv", index=False)
+    config = EmbedConfig(compression=CompressionConfig(dims={"style": 16, "content": 16}))
+    stylegen.embed(root / "covers.csv", root / "idx", config, workers=0, progress=False)
+    with threadpool_limits(1):
+        train(root / "idx", heads=("linear", "knn", "ensemble"), validate=False)
+    engine = Engine.open(root / "idx")
+    engine.featurizer  # noqa: B018  (load the model before the browser starts its clock)
+    return engine
 
 
 @pytest.fixture
