@@ -8,6 +8,8 @@ only replaced, atomically, when a run completes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -194,6 +196,31 @@ def embed(
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
     items = images.list_source(source)
+    with _exclusive(index_dir):
+        return _embed_locked(items, index_dir, config, t0, device=device, batch_size=batch_size,
+                             workers=workers, precision=precision, channels_last=channels_last,
+                             checkpoint_every=checkpoint_every, max_pixels=max_pixels, progress=progress)
+
+
+@contextlib.contextmanager
+def _exclusive(index_dir: Path) -> Iterator[None]:
+    """Hold ``DIR/.lock`` so two runs never write one index at the same time."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StylegenError(f"another stylegen embed is writing {index_dir}; wait for it to finish") from None
+        for stale in index_dir.glob(".tmp-*"):  # left by a run that was killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def _embed_locked(
+    items: pd.DataFrame, index_dir: Path, config: EmbedConfig | None, t0: float, *, device: str,
+    batch_size: int, workers: int, precision: str, channels_last: bool, checkpoint_every: int,
+    max_pixels: int, progress: bool,
+) -> EmbedReport:
     existing, config = _open_existing(index_dir, config)
     report = EmbedReport(total=len(items))
 
