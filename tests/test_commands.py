@@ -149,3 +149,39 @@ def test_knn_vote_excludes_the_query_row(trained):
     assert ids[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-4)  # itself, when not excluded
     sims, ids = knn.kneighbors(v, exclude=engine._exclude([0], 1))
     assert 0 not in ids[0] and sims[0, 0] < 0.9999
+
+
+def test_hierarchical_paths_and_levels_roll_up_through_a_taxonomy(trained, tmp_path):
+    root, idx = trained
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    tax = tmp_path / "tax.yaml"
+    tax.write_text("instrumental:\n  - jazz\nloud:\n  - metal\n  - pop\n")
+    with threadpool_limits(1):
+        train(copy, heads=("linear",), taxonomy=tax, validate=False)
+    from PIL import Image
+
+    out = Engine.open(copy).classify(Image.open(root / "img" / "metal9.png"), top=3)
+    paths = {g["genre"]: g["path"] for g in out["genres"]}
+    assert paths == {"jazz": ["instrumental", "jazz"], "metal": ["loud", "metal"], "pop": ["loud", "pop"]}
+    probs = {g["genre"]: g["probability"] for g in out["genres"]}
+    levels = {g["genre"]: g["probability"] for g in out["levels"]["top"]}
+    assert levels["loud"] == pytest.approx(probs["metal"] + probs["pop"], abs=2e-4)
+    assert levels["instrumental"] == pytest.approx(probs["jazz"], abs=2e-4)
+
+
+def test_multi_label_heads_report_auroc(trained, tmp_path):
+    root, idx = trained
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    with threadpool_limits(1):
+        cfg = train(copy, heads=("linear", "knn"), labels="multi", validate=False)
+    assert cfg["labels"] == "multi" and cfg["default_method"] == "head"
+    r = cli("evaluate", "--index", str(copy), "--test", str(root / "test.csv"), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert 0.5 < data["macro_auroc"] <= 1.0 and "macro_auprc" in data
