@@ -57,14 +57,14 @@ def test_engine_classifies_unseen_cover_of_planted_genre(trained):
     from PIL import Image
 
     result = engine.classify(Image.open(root / "img" / "metal9.png"), top=3)
-    assert [g["genre"] for g in result["genres"]][0] == "metal"
+    assert result["genres"][0]["genre"] == "metal"
     probs = [g["probability"] for g in result["genres"]]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-3)
     assert result["levels"]["top"][0]["genre"] == "metal"
 
 
 def test_similar_marks_the_query_and_ranks_by_similarity(trained):
-    root, idx = trained
+    _, idx = trained
     engine = Engine.open(idx)
     hits = engine.similar_id(0, k=5, by="style")
     assert hits[0]["id"] == 0 and hits[0]["is_query"] and not any(h["is_query"] for h in hits[1:])

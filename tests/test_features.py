@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from stylegen.features import channel_projection, gram_upper, l2_normalize, signed_sqrt, style_vector
+from stylegen.features import (
+    channel_projection,
+    gram_upper,
+    l2_normalize,
+    signed_sqrt,
+    style_vector,
+)
 
 
 def test_gram_upper_matches_hand_computed_example():
