@@ -29,7 +29,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         multi_label: bool = False,
-        Cs: Sequence[float] = (0.01, 0.1, 1, 10),
+        Cs: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 1),
         cv: int = 3,
         max_iter: int = 2000,
         random_state: int = 0,
