@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Loopback load test of the stylegen service.
 
 Starts the service in this process (uvicorn in a thread, 127.0.0.1 only), sends N requests

@@ -204,7 +204,7 @@ def _build_open_clip(cfg: BackboneConfig) -> Backbone:
         weights_id = f"tag:{weights}" if weights else "random-init"
     try:
         model = open_clip.create_model(arch, pretrained=weights or None)
-    except Exception as exc:  # hub unreachable, bad tag, bad file
+    except Exception as exc:  # noqa: BLE001 - hub unreachable, bad tag, bad file: all one message
         raise ModelNotFoundError(f"cannot load open_clip {arch} weights {weights!r}: {exc}") from None
     visual = model.visual
     mods, default, tokens = _open_clip_taps(visual)

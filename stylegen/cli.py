@@ -78,7 +78,8 @@ def embed(
 
 
 Tabular = Annotated[Path | None, typer.Option(help="CSV of numeric features per item, joined on --tabular-key.")]
-TabularColumns = Annotated[str | None, typer.Option(help="Comma-separated numeric columns (default: all numeric).")]
+TabularColumns = Annotated[str | None, typer.Option(
+    help="Comma-separated numeric columns; FIRST:LAST is a run of columns (default with --tabular: all numeric).")]
 TabularKey = Annotated[str, typer.Option(help="Column joining the table to the images.")]
 Method = Annotated[str | None, typer.Option(help="head | knn | ensemble (default: ensemble when trained).")]
 
@@ -141,7 +142,9 @@ def classify(
 
     engine = Engine.open(index, device=device)
     imgs = [open_query_image(p) for p in image]
-    table, _ = _table(pd.DataFrame({tabular_key: [str(p) for p in image]}), tabular, tabular_columns, tabular_key)
+    trained_columns = engine.head_config.get("tabular_columns") if tabular is not None else None
+    table, _ = _table(pd.DataFrame({tabular_key: [str(p) for p in image]}), tabular,
+                      tabular_columns or (",".join(trained_columns) if trained_columns else None), tabular_key)
     vectors = engine.embed_images(imgs)
     rows = [engine.find(p) for p in image]
     proba, classes = engine.predict_proba(vectors, method, rows=[-1 if r is None else r for r in rows],
@@ -216,15 +219,26 @@ def evaluate(
 
         table, _ = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
         frame, results = cross_validate(index, cv, tabular=table)
+        variants = {}
+        if table is not None:
+            from stylegen.scoring import plot_variant_confusions, variant_tables
+
+            variants = variant_tables(results)
         if report is not None:
-            best = max(results, key=lambda k: results[k]["accuracy"])
-            write_report(results[best], report, f"Cross-validation ({cv} artist-disjoint folds); best: {best}",
-                         extra_tables={"All heads and feature parts": frame})
+            best = "mlp-hybrid" if table is not None else max(results, key=lambda k: results[k]["accuracy"])
+            write_report(results[best], report, f"Cross-validation ({cv} stratified, artist-disjoint folds); "
+                         f"{'headline' if table is not None else 'best'}: {best}",
+                         extra_tables={**variants, "All heads and feature parts": frame})
+            if table is not None:
+                plot_variant_confusions(results, report)
         if as_json:
-            typer.echo(json.dumps({k: {m: v[m] for m in ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy")}
-                                   for k, v in results.items()}, indent=2))
+            keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy",
+                    "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std")
+            typer.echo(json.dumps({k: {m: v[m] for m in keys if m in v} for k, v in results.items()}, indent=2))
         else:
             typer.echo(to_markdown(frame))
+            for name, t in list(variants.items())[:2]:
+                typer.echo(f"{name}\n\n{to_markdown(t)}")
         return
     from stylegen.engine import Engine
     from stylegen.images import list_source

@@ -22,7 +22,13 @@ from PIL import Image
 
 from stylegen import images
 from stylegen.compress import combine
-from stylegen.errors import BadImageError, DataError, IndexMismatchError, ModelNotFoundError, StylegenError
+from stylegen.errors import (
+    BadImageError,
+    DataError,
+    IndexMismatchError,
+    ModelNotFoundError,
+    StylegenError,
+)
 from stylegen.features import Featurizer
 from stylegen.labels import Taxonomy
 from stylegen.store import Index
@@ -127,7 +133,7 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if name in ("knn", "ensemble"):
             kwargs["exclude"] = self._exclude(rows, len(vectors))
-        if self.head_config.get("tabular_columns") and name != "knn":
+        if self.head_config.get("tabular_columns") and name == "mlp":  # only the MLP reads the table
             if tabular is None:
                 raise DataError(f"this head needs tabular columns: {', '.join(self.head_config['tabular_columns'])}")
             kwargs["tabular"] = tabular

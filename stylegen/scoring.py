@@ -103,15 +103,68 @@ def cross_validate(
     return compare_table(results), results
 
 
+TABULAR_VARIANTS = ("image", "tabular", "hybrid")
+
+
 def _cv_tabular(index: Index, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                tabular: np.ndarray, n_splits: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Image-only, tabular-only and hybrid MLP heads under the same folds."""
+                tabular: np.ndarray, n_splits: int, seed: int,
+                variants: Sequence[str] = TABULAR_VARIANTS,
+                mlp_params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Image-only, tabular-only and hybrid MLP heads (the hybrid's settings) under the same folds.
+
+    The folds are those of :func:`cross_validate` (stratified by genre, artist-disjoint;
+    one group per row where the index has no artist). ``mlp_params`` overrides settings of
+    :func:`~stylegen.train.make_heads`' hybrid MLP (e.g. ``n_models=1`` for a quick run).
+    Each result also carries the
+    accuracy and macro-F1 of every fold (``folds``) and their mean and std.
+    """
     X = np.asarray(index.vectors)[rows]
     tab = np.asarray(tabular, np.float32)[rows]
     out = {}
-    for mode in ("image", "tabular", "hybrid"):
-        proto = make_heads(False, seed, mode)["mlp"]
-        proba, classes = cross_val_predict_proba(lambda p=proto: clone(p), X, y, groups, n_splits=n_splits,
-                                                 random_state=seed, extra={"tabular": tab})
-        out[f"mlp-{mode}"] = single_label_metrics(y, proba, classes)
+    for mode in variants:
+        proto = clone(make_heads(False, seed, "hybrid")["mlp"]).set_params(**{**(mlp_params or {}), "mode": mode})
+        tests: list[np.ndarray] = []
+
+        def record(test: np.ndarray, tests: list[np.ndarray] = tests) -> dict[str, Any]:
+            tests.append(test)  # the test rows of each fold, for per-fold scores
+            return {}
+
+        proba, classes = cross_val_predict_proba(
+            lambda p=proto: clone(p), X, y, groups, n_splits=n_splits, random_state=seed,
+            extra={"tabular": tab}, predict_kwargs_fn=record)
+        m = single_label_metrics(y, proba, classes)
+        folds = [single_label_metrics(y[t], proba[t], classes) for t in tests]
+        m["folds"] = {k: [f[k] for f in folds] for k in ("n", "accuracy", "macro_f1")}
+        for k in ("accuracy", "macro_f1"):
+            m[f"{k}_mean"], m[f"{k}_std"] = float(np.mean(m["folds"][k])), float(np.std(m["folds"][k]))
+        out[f"mlp-{mode}"] = m
     return out
+
+
+def variant_tables(results: dict[str, dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Markdown-ready tables comparing the MLP variants of :func:`_cv_tabular`."""
+    names = [k for k in results if k.startswith("mlp-") and "folds" in results[k]]
+    if not names:
+        return {}
+    head = pd.DataFrame([{
+        "variant": k.removeprefix("mlp-"), "n": results[k]["n"],
+        "accuracy (pooled)": results[k]["accuracy"], "macro-F1 (pooled)": results[k]["macro_f1"],
+        "accuracy per fold": f"{results[k]['accuracy_mean']:.3f} ± {results[k]['accuracy_std']:.3f}",
+        "macro-F1 per fold": f"{results[k]['macro_f1_mean']:.3f} ± {results[k]['macro_f1_std']:.3f}",
+    } for k in names]).set_index("variant")
+    per_genre = pd.DataFrame({k.removeprefix("mlp-"): {c["genre"]: c["f1"] for c in results[k]["per_class"]}
+                              for k in names})
+    per_genre.index.name = "genre (F1)"
+    pngs = pd.DataFrame([{"variant": k.removeprefix("mlp-"),
+                          "confusion": f"![{k}](confusion_{k}.png)"} for k in names]).set_index("variant")
+    return {"Image-only, tabular-only and hybrid MLP (same folds)": head,
+            "Per-genre F1 of each variant": per_genre,
+            "Confusion matrix of each variant (row-normalised)": pngs}
+
+
+def plot_variant_confusions(results: dict[str, dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``confusion_mlp-<variant>.png`` in ``out_dir`` for each MLP variant of :func:`_cv_tabular`."""
+    from stylegen.evaluate import plot_confusion
+
+    return [plot_confusion(m["confusion"], m["classes"], Path(out_dir) / f"confusion_{k}.png")
+            for k, m in results.items() if k.startswith("mlp-") and "folds" in m]

@@ -91,6 +91,29 @@ def _to_float(values: pd.DataFrame, keys: Sequence[object], key: str) -> np.ndar
     return out
 
 
+def expand_columns(columns: Sequence[str], available: Sequence[str], where: str) -> list[str]:
+    """Column names, with ``FIRST:LAST`` standing for that inclusive run of ``available``.
+
+    A name that exists as given (even one containing ``:``) is taken literally; so
+    ``chroma_stft_mean:mfcc20_var`` selects the 57 features of the GTZAN table in its order.
+    """
+    available = [str(c) for c in available]
+    out: list[str] = []
+    for c in (str(c).strip() for c in columns):
+        if c in available or ":" not in c:
+            out.append(c)
+            continue
+        first, last = (s.strip() for s in c.split(":", 1))
+        for end in (first, last):
+            if end not in available:
+                raise _missing_column(end, available, where)
+        i, j = available.index(first), available.index(last)
+        if i > j:
+            raise DataError(f"column range {c!r} is empty: {last!r} comes before {first!r} in {where}")
+        out += available[i:j + 1]
+    return out
+
+
 def load_tabular(
     manifest: pd.DataFrame,
     columns: Sequence[str] | None = None,
@@ -101,7 +124,8 @@ def load_tabular(
 
     Without ``table`` the ``columns`` are read from the manifest. With ``table`` (a CSV path
     or a DataFrame) its rows are joined to the manifest on ``key``; ``columns=None`` then
-    means every numeric column of the table except ``key``.
+    means every numeric column of the table except ``key``. A column ``"FIRST:LAST"``
+    stands for the columns from FIRST to LAST in the source's order (:func:`expand_columns`).
     """
     if isinstance(columns, str):
         columns = [columns]
@@ -121,7 +145,7 @@ def load_tabular(
             if not columns:
                 raise DataError(f"the tabular table has no numeric columns besides {key!r}")
         keys = manifest[key].tolist()
-    columns = [str(c) for c in columns]
+    columns = expand_columns(columns, [c for c in source.columns if c != key], where)
     for c in columns:
         if c not in source.columns:
             raise _missing_column(c, [x for x in source.columns if x != key], where)

@@ -11,7 +11,7 @@ from tests.conftest import add_bad_files
 
 def stylegen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, cwd=cwd, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("make_source, message", [

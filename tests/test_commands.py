@@ -40,7 +40,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_heads_recorded_with_feature_id(trained):

@@ -91,3 +91,13 @@ def test_missing_key_and_file(manifest, tmp_path):
         load_tabular(manifest, table=tmp_path / "nope.csv")
     with pytest.raises(DataError, match="no tabular columns"):
         load_tabular(manifest)
+
+
+def test_column_range(manifest):
+    t = _table().assign(bpm=[1, 2, 3])
+    X, cols = load_tabular(manifest, columns=["tempo:loud", "bpm"], table=t)
+    assert cols == ["tempo", "loud", "bpm"] and X.shape == (3, 3)
+    with pytest.raises(DataError, match=r"range 'loud:tempo' is empty"):
+        load_tabular(manifest, columns=["loud:tempo"], table=t)
+    with pytest.raises(DataError, match=r"'bpm2' not found"):
+        load_tabular(manifest, columns=["tempo:bpm2"], table=t)

@@ -53,7 +53,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     X may be None) or "hybrid" (X joined with an MLP branch of sizes ``tabular_hidden`` over the
     table). The table is standardised with the mean and scale of the rows given to ``fit``.
     ``num_threads`` caps torch's CPU threads while fitting or predicting (None: torch's
-    setting); 1 is fastest for small heads on a busy machine.
+    setting); 1 is fastest for small heads on a busy machine. ``n_models`` > 1 trains that
+    many networks (seeds ``random_state + k``, each with its own validation split) and
+    averages their probabilities; ``net_`` and ``history_`` are those of the first.
     """
 
     def __init__(self, hidden: Sequence[int] = (512,), dropout: float = 0.3,
@@ -61,7 +63,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                  max_epochs: int = 200, patience: int = 15, val_fraction: float = 0.15,
                  multi_label: bool = False, class_weight: str | None = "balanced",
                  random_state: int = 0, device: str = "cpu", mode: str = "image",
-                 tabular_hidden: Sequence[int] = (64,), num_threads: int | None = None) -> None:
+                 tabular_hidden: Sequence[int] = (64,), num_threads: int | None = None,
+                 n_models: int = 1) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -77,6 +80,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.mode = mode
         self.tabular_hidden = tabular_hidden
         self.num_threads = num_threads
+        self.n_models = n_models
 
     def _inputs(self, X: Any, tabular: Any, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
         """Validated (image, standardised table) float32 arrays; unused ones have 0 columns."""
@@ -142,28 +146,35 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         image, table = self._inputs(X, tabular, fitting=True)
         targets, self.classes_ = encode_targets(y, self.multi_label, len(image))
         self.n_features_in_ = image.shape[1]
-        train, val = stratified_split(targets, self.val_fraction, self.random_state)
+        if not isinstance(self.n_models, int | np.integer) or self.n_models < 1:
+            raise DataError(f"n_models must be a positive integer, got {self.n_models!r}")
         device = torch.device(self.device)
-        with _threads(self.num_threads), torch.random.fork_rng(
-                devices=[] if device.type == "cpu" else None):
-            torch.manual_seed(self.random_state)
-            net = _Net(image.shape[1], table.shape[1], len(self.classes_), self.hidden,
-                       self.tabular_hidden, self.dropout).to(device)
-            self.history_ = self._train(net, image, table, targets, train, val)
-        self.net_ = net.cpu().eval()
+        self.nets_, self.histories_ = [], []
+        for seed in range(self.random_state, self.random_state + self.n_models):
+            train, val = stratified_split(targets, self.val_fraction, seed)
+            with _threads(self.num_threads), torch.random.fork_rng(
+                    devices=[] if device.type == "cpu" else None):
+                torch.manual_seed(seed)
+                net = _Net(image.shape[1], table.shape[1], len(self.classes_), self.hidden,
+                           self.tabular_hidden, self.dropout).to(device)
+                self.histories_.append(self._train(net, image, table, targets, train, val, seed))
+            self.nets_.append(net.cpu().eval())
+            if seed == self.random_state:
+                has_val = len(val) > 0
+        self.net_, self.history_ = self.nets_[0], self.histories_[0]
         self.n_epochs_ = len(self.history_)
-        self.best_epoch_ = int(np.argmin(self.history_)) if len(val) else self.n_epochs_ - 1
+        self.best_epoch_ = int(np.argmin(self.history_)) if has_val else self.n_epochs_ - 1
         return self
 
     def _train(self, net: _Net, image: np.ndarray, table: np.ndarray, targets: np.ndarray,
-               train: np.ndarray, val: np.ndarray) -> list[float]:
+               train: np.ndarray, val: np.ndarray, seed: int) -> list[float]:
         """Train in place; restore the best weights; return the validation loss per epoch."""
         device = next(net.parameters()).device
         loss_fn = self._loss(targets[train]).to(device)
         y = torch.as_tensor(targets, dtype=torch.float32 if self.multi_label else torch.long)
         image, table = torch.as_tensor(image), torch.as_tensor(table)
         optimizer = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        generator = torch.Generator().manual_seed(self.random_state)
+        generator = torch.Generator().manual_seed(seed)
         train_rows = torch.as_tensor(train)
         history: list[float] = []
         best_state, best_loss = None, np.inf
@@ -191,12 +202,14 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any, tabular: Any = None) -> np.ndarray:
         check_is_fitted(self)
         image, table = self._inputs(X, tabular, fitting=False)
-        with _threads(self.num_threads):
-            logits = torch.as_tensor(_logits(self.net_.to(self.device), torch.as_tensor(image),
-                                              torch.as_tensor(table), self.batch_size * 8))
-        logits = logits.double()
-        proba = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
-        return proba.numpy()
+        probas = []
+        for net in getattr(self, "nets_", [self.net_]):  # heads saved before n_models: one net
+            with _threads(self.num_threads):
+                logits = torch.as_tensor(_logits(net.to(self.device), torch.as_tensor(image),
+                                                  torch.as_tensor(table), self.batch_size * 8))
+            logits = logits.double()
+            probas.append(torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1))
+        return torch.stack(probas).mean(0).numpy()
 
     def predict(self, X: Any, tabular: Any = None) -> Any:
         return decode_predictions(self.predict_proba(X, tabular), self.classes_, self.multi_label)
