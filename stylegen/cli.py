@@ -43,6 +43,8 @@ def embed(
     index: IndexDir = Path("indexes/default"),
     backbone: Annotated[str | None, typer.Option(help="efficientnet-lite0|1|2 or open_clip:ARCH (new index only).")] = None,
     weights: Annotated[str | None, typer.Option(help="Local weights file or open_clip pretrained tag.")] = None,
+    taps: Annotated[str | None, typer.Option(
+        help="Comma-separated tap layers for the Gram matrices, e.g. stage4,stage5,stage6 (new index only).")] = None,
     parts: Annotated[str | None, typer.Option(help="style | content | both (new index only).")] = None,
     style_weight: Annotated[float, typer.Option(help="Weight of the style part.")] = 1.0,
     content_weight: Annotated[float, typer.Option(help="Weight of the content part.")] = 1.0,
@@ -60,12 +62,13 @@ def embed(
     from stylegen.config import BackboneConfig, CompressionConfig, EmbedConfig, FeatureConfig
     from stylegen.embed import embed as run_embed
 
-    asked = any(v is not None for v in (backbone, weights, parts, compression)) or flip or whiten
+    asked = any(v is not None for v in (backbone, weights, taps, parts, compression)) or flip or whiten
     config = None
     if asked or not (index / "CURRENT").is_file():
         p = _parts(parts or "both")
         config = EmbedConfig(
-            backbone=BackboneConfig(name=backbone or "efficientnet-lite0", weights=weights),
+            backbone=BackboneConfig(name=backbone or "efficientnet-lite0", weights=weights,
+                                    taps=tuple(t.strip() for t in taps.split(",") if t.strip()) if taps else None),
             features=FeatureConfig(parts=p, weights={"style": style_weight, "content": content_weight}, flip=flip),
             compression=CompressionConfig(method=compression or "pca", dims={q: dim for q in ("style", "content")},
                                           whiten=whiten),

@@ -10,10 +10,10 @@ from stylegen.features import Featurizer
 
 def test_lite0_default_taps_and_packaged_weights():
     bb = backbones.build(BackboneConfig())
-    assert bb.taps == ("stage2", "stage3", "stage4", "stage5") and bb.image_size == 224
+    assert bb.taps == ("stage4", "stage5", "stage6") and bb.image_size == 224
     assert bb.mean == (0.5, 0.5, 0.5)  # inputs scaled to [-1, 1]
     acts, content = bb.forward(torch.zeros(1, 3, 224, 224))
-    assert [a.shape[1] for a in acts.values()] == [24, 40, 80, 112]
+    assert [a.shape[1] for a in acts.values()] == [80, 112, 192]
     assert content.shape == (1, 1280)
     assert len(bb.weights_id) == 64 and not bb.model.training
 

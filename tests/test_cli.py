@@ -43,3 +43,15 @@ def test_embed_skips_bad_files_and_exits_zero(genre_folder, tmp_path):
                        "--backbone", "efficientnet-lite1", "--no-progress")
     assert refused.returncode != 0 and "other settings" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_embed_taps_option_is_recorded_and_unknown_tap_refused(genre_folder, tmp_path):
+    from stylegen.store import Index
+
+    result = stylegen("embed", str(genre_folder), "--index", str(tmp_path / "idx"), "--workers", "0",
+                      "--dim", "4", "--no-progress", "--taps", "stage2, stage3")
+    assert result.returncode == 0, result.stderr
+    assert Index.open(tmp_path / "idx", use_gpu=False).config.backbone.taps == ("stage2", "stage3")
+    bad = stylegen("embed", str(genre_folder), "--index", str(tmp_path / "other"), "--taps", "stage99",
+                   "--no-progress")
+    assert bad.returncode != 0 and "stage99" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
