@@ -135,6 +135,30 @@ def _lite_stages(model: nn.Module) -> dict[str, nn.Module]:
     return stages
 
 
+_LITE_CONV_BN = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), ("_expand_conv", "_bn0"),
+                 ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm of an EfficientNet-Lite into the conv before it.
+
+    The frozen network computes the same function (up to float rounding) with a third fewer
+    kernels per block; returns the number of folded pairs. The BatchNorm becomes Identity,
+    so a hook on it (the ``stem`` tap) still sees the conv+BN output.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in [model, *model._blocks]:
+        for conv_name, bn_name in _LITE_CONV_BN:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(module, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
 def _lite_content(model: nn.Module, x: Tensor) -> Tensor:
     return model.extract_features(x).mean(dim=(2, 3))
 
@@ -145,6 +169,7 @@ def _build_lite(cfg: BackboneConfig) -> Backbone:
     weights = _lite_weights(cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
         model = EfficientNet.from_pretrained(cfg.name, weights_path=weights)
+    fold_batchnorm(model.eval())  # before the stage map, which points at the stem's BatchNorm
     stages = _lite_stages(model)
     taps = _select_taps(cfg.taps or _LITE_DEFAULT_TAPS, stages, cfg.name)
     return Backbone(

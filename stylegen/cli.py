@@ -53,8 +53,8 @@ def embed(
     whiten: Annotated[bool, typer.Option(help="Whiten the PCA output.")] = False,
     flip: Annotated[bool, typer.Option(help="Average each image with its mirror image.")] = False,
     device: Device = "auto",
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    workers: Annotated[int, typer.Option(min=0, help="Decode worker processes.")] = 2,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Forward batch [default: 16 on CPU, 64 on GPU].")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes [default: by device and cores].")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -198,11 +198,21 @@ def similar(
             typer.echo(f"contact sheet: {html}")
 
 
+def _names(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise StylegenError(f"{option} takes a comma-separated subset of {', '.join(allowed)}; got {value!r}")
+    return names
+
+
 @app.command()
 def evaluate(
     index: IndexDir = Path("indexes/default"),
     test: Annotated[Path | None, typer.Option(help="Test manifest (CSV) or folder, never the training data.")] = None,
     cv: Annotated[int | None, typer.Option(help="Cross-validate on the index with this many artist-disjoint folds.")] = None,
+    heads: Annotated[str, typer.Option(help="With --cv: comma-separated heads to compare.")] = "linear,mlp,knn,ensemble",
+    parts: Annotated[str, typer.Option(help="With --cv: comma-separated feature parts to compare.")] = "style,content,both",
     method: Method = None,
     report: Annotated[Path | None, typer.Option(help="Write report.md with plots into this folder.")] = None,
     as_json: JsonFlag = False,
@@ -219,9 +229,12 @@ def evaluate(
     if cv is not None:
         from stylegen.scoring import cross_validate
         from stylegen.store import Index
+        from stylegen.train import HEAD_NAMES
 
+        cv_heads = _names(heads, HEAD_NAMES, "--heads")
+        cv_parts = _names(parts, ("style", "content", "both"), "--parts")
         table, _ = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
-        frame, results = cross_validate(index, cv, tabular=table)
+        frame, results = cross_validate(index, cv, heads=cv_heads, parts=cv_parts, tabular=table)
         variants = {}
         if table is not None:
             from stylegen.scoring import plot_variant_confusions, variant_tables

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -180,8 +181,8 @@ def embed(
     config: EmbedConfig | None = None,
     *,
     device: str = "auto",
-    batch_size: int = 32,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str = "auto",
     channels_last: bool = True,
     checkpoint_every: int = 1024,
@@ -191,7 +192,9 @@ def embed(
     """Embed every new image of ``source`` into the index at ``index_dir``.
 
     ``config`` defaults to the existing index's settings (or the defaults for a new
-    index); settings that differ from an existing index are refused.
+    index); settings that differ from an existing index are refused. ``workers`` is the
+    number of decode processes and ``batch_size`` the forward batch (None: chosen for the
+    device by :func:`default_workers` and :func:`default_batch_size`).
     """
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
@@ -200,6 +203,22 @@ def embed(
         return _embed_locked(items, index_dir, config, t0, device=device, batch_size=batch_size,
                              workers=workers, precision=precision, channels_last=channels_last,
                              checkpoint_every=checkpoint_every, max_pixels=max_pixels, progress=progress)
+
+
+def default_workers(device_type: str, cpus: int | None = None) -> int:
+    """Decode processes for a device: on a GPU decoding is the bottleneck, so most cores
+    decode; on a CPU the cores are busy with the forward pass and decode workers only
+    compete with it (on 2 cores, decoding inline was fastest: docs/benchmarks.md)."""
+    cpus = cpus or len(os.sched_getaffinity(0))
+    if device_type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return cpus // 4
+
+
+def default_batch_size(device_type: str) -> int:
+    """Forward batch per device: small batches stay in a CPU's caches (16 was fastest here,
+    8-64 measured in docs/benchmarks.md); a GPU wants larger ones."""
+    return 64 if device_type == "cuda" else 16
 
 
 @contextlib.contextmanager
@@ -218,7 +237,7 @@ def _exclusive(index_dir: Path) -> Iterator[None]:
 
 def _embed_locked(
     items: pd.DataFrame, index_dir: Path, config: EmbedConfig | None, t0: float, *, device: str,
-    batch_size: int, workers: int, precision: str, channels_last: bool, checkpoint_every: int,
+    batch_size: int | None, workers: int | None, precision: str, channels_last: bool, checkpoint_every: int,
     max_pixels: int, progress: bool,
 ) -> EmbedReport:
     existing, config = _open_existing(index_dir, config)
@@ -249,6 +268,10 @@ def _embed_locked(
         report.resumed = int(todo["content_hash"].isin(done).sum())
         run = todo[~todo["content_hash"].isin(done)]
         t1 = time.perf_counter()
+        if workers is None:
+            workers = default_workers(featurizer.device.type)
+        if batch_size is None:
+            batch_size = default_batch_size(featurizer.device.type)
         new_hashes, new_raw, bad = _run(featurizer, run, pending, batch_size, workers,
                                          checkpoint_every, max_pixels, progress)
         report.embed_seconds = time.perf_counter() - t1

@@ -219,13 +219,16 @@ def cross_val_predict_proba(
 
 
 def compare_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per method: headline metrics plus ``accuracy[<source>]`` from ``by_source``."""
+    """One row per method: headline metrics plus accuracy, macro-F1 and top-3 accuracy of each
+    group in ``by_source`` (columns ``accuracy[<source>]``, ``macro_f1[<source>]``, ...)."""
     rows = []
     for name, m in results.items():
         row: dict[str, Any] = {"method": name, "n": m.get("n")}
         row.update({k: m.get(k) for k in HEADLINE})
-        for src, sm in sorted((m.get("by_source") or {}).items()):
-            row[f"accuracy[{src}]"] = sm.get("accuracy")
+        by_source = sorted((m.get("by_source") or {}).items())
+        for key in ("accuracy", "macro_f1", "top3_accuracy"):
+            for src, sm in by_source:
+                row[f"{key}[{src}]"] = sm.get(key)
         rows.append(row)
     return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
 

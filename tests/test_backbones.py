@@ -37,3 +37,24 @@ def test_open_clip_random_init_backbone_gives_style_and_content(arch):
     assert out["style"].shape == (2, len(bb.taps) * 32 * 33 // 2)
     assert out["content"].shape[0] == 2
     assert np.isfinite(out["style"]).all()
+
+
+def test_folding_batchnorm_keeps_the_function_and_the_stem_tap():
+    import contextlib
+    import copy
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=backbones._lite_weights(
+            BackboneConfig())).eval()
+    folded = copy.deepcopy(ref)
+    assert backbones.fold_batchnorm(folded) == 2 + 16 * 2 + 15  # stem+head, 16 blocks, 15 expansions
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.extract_features(x), ref.extract_features(x), atol=1e-3, rtol=1e-3)
+        stem_ref = ref._bn0(ref._conv_stem(x))
+    bb = backbones.build(BackboneConfig(taps=("stem", "stage6")))
+    acts, _ = bb.forward(x)
+    torch.testing.assert_close(acts["stem"], stem_ref, atol=1e-3, rtol=1e-3)

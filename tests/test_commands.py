@@ -110,6 +110,17 @@ def test_evaluate_json_on_held_out_manifest(trained):
     assert set(data["by_source"]) == {"gen", "other"}
 
 
+def test_evaluate_cv_compares_chosen_heads_and_parts(trained):
+    _, idx = trained
+    r = cli("evaluate", "--index", str(idx), "--cv", "3", "--heads", "knn,linear", "--parts", "style", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) == {"knn / style", "linear / style"}
+    assert all(v["n"] == 24 and 0 <= v["accuracy"] <= 1 for v in data.values())
+    bad = cli("evaluate", "--index", str(idx), "--cv", "3", "--heads", "svm")
+    assert bad.returncode != 0 and "--heads" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_leaves_out_training_covers(trained):
     root, idx = trained
     r = cli("evaluate", "--index", str(idx), "--test", str(root / "train.csv"), "--json")

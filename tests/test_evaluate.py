@@ -204,6 +204,8 @@ def test_compare_table_and_markdown():
     assert list(df.index) == ["gram", "pooled"]
     assert df.loc["pooled", "accuracy"] == 0.5
     assert df.loc["gram", "accuracy[a]"] == pytest.approx(1.0)
+    for key in ("macro_f1", "top3_accuracy"):  # every source gets its F1 and top-3 too
+        assert df.loc["gram", f"{key}[b]"] == pytest.approx(m["by_source"]["b"][key])
     md = to_markdown(df)
     assert md.splitlines()[0].startswith("| method | n | accuracy")
     assert "| pooled | 6 | 0.500 |" in md
