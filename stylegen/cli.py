@@ -120,7 +120,8 @@ def train(
     typer.echo(f"trained {', '.join(cfg['heads'])} on {len(cfg['train_rows'])} covers, "
                f"{len(cfg['classes'])} genres; default head {cfg['default_head']}, method {cfg['default_method']}")
     for name, score in scores.items():
-        typer.echo(f"  {name:9s} held-out (artist-disjoint 20%) score: {score}")
+        metric = "macro-F1" if labels == "single" else "top-1 in labels"
+        typer.echo(f"  {name:9s} {metric} on an artist-disjoint 20% validation split: {score}")
     if cfg["dropped_classes"]:
         typer.echo(f"  left out (fewer than 3 covers): {', '.join(cfg['dropped_classes'])}")
 

@@ -58,6 +58,17 @@ def labelled_rows(meta: pd.DataFrame, labels: str) -> tuple[np.ndarray, Any]:
     raise StylegenError(f"--labels must be single or multi, got {labels!r}")
 
 
+def default_method(heads: Sequence[str], scores: dict[str, float | None], default_head: str) -> str:
+    """The method ``classify`` uses unless told: the best validated of head / knn / ensemble
+    (ties go to the ensemble, then the head); without scores, the ensemble when trained."""
+    candidates = {"ensemble": "ensemble", "head": default_head, "knn": "knn"}
+    trained = {m: h for m, h in candidates.items() if h in heads and (m != "head" or h in ("linear", "mlp"))}
+    scored = {m: scores[h] for m, h in trained.items() if scores.get(h) is not None}
+    if scored:
+        return max(scored, key=lambda m: scored[m])  # max keeps the first of equal scores
+    return next(iter(trained), "knn")
+
+
 def artist_groups(meta: pd.DataFrame) -> np.ndarray:
     """Group id per row: the artist where known, else the row itself (one cover, one group)."""
     artist = meta["artist"].fillna("").astype(str).to_numpy() if "artist" in meta else np.full(len(meta), "")
@@ -150,7 +161,7 @@ def train(
         "labels": labels,
         "heads": list(heads),
         "default_head": default_head,
-        "default_method": "ensemble" if "ensemble" in heads else ("head" if trainable else "knn"),
+        "default_method": default_method(heads, scores, default_head),
         "classes": classes,
         "dropped_classes": dropped,
         "validation_macro_f1" if labels == "single" else "validation_top1_in_labels": scores,

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 import stylegen
 from stylegen.config import CompressionConfig, EmbedConfig
 from stylegen.engine import Engine
-from stylegen.train import train
+from stylegen.train import default_method, train
 from tests.conftest import make_image
 
 GENRES = ["jazz", "metal", "pop"]
@@ -46,7 +46,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def test_heads_recorded_with_feature_id(trained):
     _, idx = trained
     cfg = json.loads((idx / "heads" / "heads.json").read_text())
-    assert cfg["classes"] == GENRES and cfg["default_method"] == "ensemble"
+    assert cfg["classes"] == GENRES
+    assert cfg["default_method"] == default_method(cfg["heads"], cfg["validation_macro_f1"], cfg["default_head"])
     assert cfg["feature_id"] == stylegen.Index.open(idx).feature_id
     assert len(cfg["train_rows"]) == 24
 
@@ -196,3 +197,17 @@ def test_multi_label_heads_report_auroc(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert 0.5 < data["macro_auroc"] <= 1.0 and "macro_auprc" in data
+
+
+@pytest.mark.parametrize("heads, scores, expected", [
+    (["linear", "mlp", "knn", "ensemble"], {"linear": 0.38, "mlp": 0.41, "knn": 0.33, "ensemble": 0.40}, "head"),
+    (["linear", "knn", "ensemble"], {"linear": 0.38, "knn": 0.33, "ensemble": 0.40}, "ensemble"),
+    (["linear", "knn", "ensemble"], {"linear": 0.4, "knn": 0.4, "ensemble": 0.4}, "ensemble"),  # tie
+    (["linear", "knn"], {"linear": 0.2, "knn": 0.3}, "knn"),
+    (["linear", "knn", "ensemble"], {"linear": None, "knn": None, "ensemble": None}, "ensemble"),
+    (["knn"], {}, "knn"),
+])
+def test_default_method_is_the_best_validated(heads, scores, expected):
+    trainable = [h for h in ("linear", "mlp") if h in heads]
+    best_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
+    assert default_method(heads, scores, best_head) == expected
