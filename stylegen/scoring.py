@@ -26,6 +26,7 @@ from stylegen.evaluate import (
     multi_label_metrics,
     single_label_metrics,
 )
+from stylegen.heads import EnsembleHead
 from stylegen.labels import multi_labels, single_labels
 from stylegen.store import Index
 from stylegen.train import HEAD_NAMES, artist_groups, labelled_rows, make_heads
@@ -92,8 +93,10 @@ def cross_validate(
         X = index.part_vectors(np.asarray(index.vectors)[rows], part)
         for name in heads:
             proto = make_heads(False, seed)[name]
+            fit_kw = (lambda tr: {"groups": groups[tr]}) if isinstance(proto, EnsembleHead) else None
             proba, classes = cross_val_predict_proba(lambda p=proto: clone(p), X, y, groups,
-                                                     n_splits=n_splits, random_state=seed)
+                                                     n_splits=n_splits, random_state=seed,
+                                                     fit_kwargs_fn=fit_kw)
             m = single_label_metrics(y, proba, classes)
             if sources is not None:
                 m["by_source"] = grouped_metrics(y, proba, classes, sources)

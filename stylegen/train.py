@@ -104,7 +104,7 @@ def _validation_score(head: Any, X: np.ndarray, y: Any, groups: np.ndarray, seed
 
     tr, va = next(GroupShuffleSplit(1, test_size=0.2, random_state=seed).split(X, groups=groups))
     take = (lambda idx: y[idx]) if isinstance(y, np.ndarray) else (lambda idx: [y[i] for i in idx])
-    est = clone(head).fit(X[tr], take(tr), **{k: v[tr] for k, v in extra.items()})
+    est = clone(head).fit(X[tr], take(tr), **{k: v[tr] for k, v in {**extra, **fit_kw}.items()})
     proba = est.predict_proba(X[va], **{k: v[va] for k, v in extra.items()})
     pred = np.asarray(est.classes_)[np.argmax(proba, axis=1)]
     if isinstance(y, np.ndarray):
@@ -146,12 +146,15 @@ def train(
     for name in heads:
         head = factory[name]
         kw = extra if name == "mlp" else {}
+        # the ensemble picks its weight on an artist-disjoint split (kNN votes from an artist's
+        # other covers would look too good); the MLP's early stopping did worse with one
+        fit_groups = {"groups": groups} if isinstance(head, EnsembleHead) else {}
         if validate:
             try:
-                scores[name] = round(_validation_score(head, X, y, groups, seed, {}, kw), 4)
+                scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
             except (StylegenError, ValueError):  # too few covers for a held-out split
                 scores[name] = None
-        fitted = clone(head).fit(X, y, **kw)
+        fitted = clone(head).fit(X, y, **kw, **fit_groups)
         save_head(fitted, out_dir / f"{name}.joblib", feature_id=index.feature_id)
         classes = [str(c) for c in fitted.classes_]
     trainable = [h for h in ("linear", "mlp") if h in heads]

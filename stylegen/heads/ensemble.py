@@ -10,7 +10,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
-from stylegen.labels import decode_predictions, encode_targets, stratified_split
+from stylegen.labels import decode_predictions, encode_targets, grouped_split
 
 
 def align_columns(proba: np.ndarray, have: Sequence[Any], want: Sequence[Any]) -> np.ndarray:
@@ -34,8 +34,8 @@ def log_loss(proba: np.ndarray, targets: np.ndarray, multi_label: bool) -> float
 class EnsembleHead(ClassifierMixin, BaseEstimator):
     """Weighted average of ``head`` and ``knn`` probabilities.
 
-    ``fit`` holds out a stratified ``val_fraction`` of the rows, fits clones of both heads on
-    the rest and picks the weight in ``weights`` with the lowest validation **log-loss** (ties:
+    ``fit`` holds out a stratified ``val_fraction`` of the rows (group-disjoint when ``groups``,
+    e.g. artists, are given), fits clones of both heads on the rest and picks the weight in ``weights`` with the lowest validation **log-loss** (ties:
     the smallest weight); both heads are then refitted on all rows. ``weight_`` is the head's
     share, ``val_losses_`` the loss of every candidate weight.
     """
@@ -48,7 +48,7 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         self.val_fraction = val_fraction
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: Any) -> EnsembleHead:
+    def fit(self, X: np.ndarray, y: Any, groups: Any = None) -> EnsembleHead:
         X = check_array(X, dtype=np.float32)
         self.multi_label_ = bool(getattr(self.head, "multi_label", False))
         if bool(getattr(self.knn, "multi_label", False)) != self.multi_label_:
@@ -57,7 +57,7 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         if weights.ndim != 1 or not len(weights) or ((weights < 0) | (weights > 1)).any():
             raise DataError("weights must be a non-empty list of numbers in [0, 1]")
         targets, self.classes_ = encode_targets(y, self.multi_label_, len(X))
-        train, val = stratified_split(targets, self.val_fraction, self.random_state)
+        train, val = grouped_split(targets, self.val_fraction, self.random_state, groups)
         if not len(val):
             raise DataError(f"val_fraction={self.val_fraction} leaves no validation rows")
         y_list = list(y)
