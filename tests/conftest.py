@@ -35,6 +35,26 @@ def make_image(path: Path, kind: int, size: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def planted_rows(root: Path, genres: list[str], per_genre: int, extra=lambda g, i: {}) -> list[dict]:
+    """Manifest rows of generated images whose look depends on the genre (planted structure),
+    with ``extra(genre_index, i)`` columns each."""
+    rows = []
+    for g, genre in enumerate(genres):
+        for i in range(per_genre):
+            p = make_image(root / "img" / f"{genre}{i}.png", kind=g, seed=100 * g + i)
+            rows.append({"image": f"img/{p.name}", "genre": genre, **extra(g, i)})
+    return rows
+
+
+def embed_tiny(csv: Path, index_dir: Path) -> None:
+    """Embed a small manifest quickly (fp32, inline decode, 8 + 8 PCA dims)."""
+    import stylegen
+    from stylegen.config import CompressionConfig, EmbedConfig
+
+    cfg = EmbedConfig(compression=CompressionConfig(dims={"style": 8, "content": 8}))
+    stylegen.embed(csv, index_dir, cfg, workers=0, progress=False, precision="fp32")
+
+
 @pytest.fixture
 def genre_folder(tmp_path: Path) -> Path:
     """A folder with one subfolder per genre, 3 generated images each."""

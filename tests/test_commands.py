@@ -11,10 +11,9 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import stylegen
-from stylegen.config import CompressionConfig, EmbedConfig
 from stylegen.engine import Engine
 from stylegen.train import default_method, train
-from tests.conftest import make_image
+from tests.conftest import embed_tiny, make_image, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
 
@@ -23,17 +22,11 @@ GENRES = ["jazz", "metal", "pop"]
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """An index of 3 genres x 8 generated covers with trained heads, plus a test CSV."""
     root = tmp_path_factory.mktemp("collection")
-    rows = []
-    for g, genre in enumerate(GENRES):
-        for i in range(10):
-            p = make_image(root / "img" / f"{genre}{i}.png", kind=g, seed=100 * g + i)
-            rows.append({"image": f"img/{p.name}", "genre": genre, "artist": f"{genre}-artist{i % 5}",
-                         "source": "gen" if i % 2 else "other"})
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(planted_rows(root, GENRES, 10, lambda g, i: {
+        "artist": f"{GENRES[g]}-artist{i % 5}", "source": "gen" if i % 2 else "other"}))
     df[df.index % 10 < 8].to_csv(root / "train.csv", index=False)
     df[df.index % 10 >= 8].to_csv(root / "test.csv", index=False)
-    cfg = EmbedConfig(compression=CompressionConfig(dims={"style": 8, "content": 8}))
-    stylegen.embed(root / "train.csv", root / "idx", cfg, workers=0, progress=False, precision="fp32")
+    embed_tiny(root / "train.csv", root / "idx")
     with threadpool_limits(1):
         train(root / "idx", heads=("linear", "knn", "ensemble"))
     return root, root / "idx"

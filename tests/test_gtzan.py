@@ -19,11 +19,10 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import stylegen
-from stylegen.config import CompressionConfig, EmbedConfig
 from stylegen.scoring import _cv_tabular
 from stylegen.tabular import load_tabular
 from stylegen.train import artist_groups, labelled_rows, train
-from tests.conftest import GTZAN_CSV, make_image, needs_real_data
+from tests.conftest import GTZAN_CSV, embed_tiny, needs_real_data, planted_rows
 
 FEATURES = "chroma_stft_mean:mfcc20_var"  # the 57 audio features, in the table's order
 
@@ -64,17 +63,11 @@ GENRES = ["jazz", "metal", "pop"]
 def hybrid_index(tmp_path_factory) -> tuple[Path, Path]:
     """An index of 3 genres x 6 generated images with a hybrid MLP head, and its feature table."""
     root = tmp_path_factory.mktemp("hybrid")
-    rows = []
-    for g, genre in enumerate(GENRES):
-        for i in range(6):
-            p = make_image(root / "img" / f"{genre}{i}.png", kind=g, seed=100 * g + i)
-            rows.append({"image": f"img/{p.name}", "genre": genre, "tempo": 90.0 + 30 * g + i,
-                         "loud": -10.0 + g})
-    manifest = pd.DataFrame(rows)
+    manifest = pd.DataFrame(planted_rows(root, GENRES, 6, lambda g, i: {"tempo": 90.0 + 30 * g + i,
+                                                                         "loud": -10.0 + g}))
     manifest[["image", "genre"]].to_csv(root / "train.csv", index=False)
     manifest[["image", "tempo", "loud"]].to_csv(root / "features.csv", index=False)
-    cfg = EmbedConfig(compression=CompressionConfig(dims={"style": 8, "content": 8}))
-    stylegen.embed(root / "train.csv", root / "idx", cfg, workers=0, progress=False, precision="fp32")
+    embed_tiny(root / "train.csv", root / "idx")
     index = stylegen.Index.open(root / "idx")
     tab, cols = load_tabular(index.metadata, table=root / "features.csv")
     with threadpool_limits(1):
