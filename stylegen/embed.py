@@ -209,7 +209,8 @@ def default_workers(device_type: str, cpus: int | None = None) -> int:
     """Decode processes for a device: on a GPU decoding is the bottleneck, so most cores
     decode; on a CPU the cores are busy with the forward pass and decode workers only
     compete with it (on 2 cores, decoding inline was fastest: docs/benchmarks.md)."""
-    cpus = cpus or len(os.sched_getaffinity(0))
+    if cpus is None:  # the cores this process may use (sched_getaffinity is Linux-only)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device_type == "cuda":
         return max(1, min(8, cpus - 1))
     return cpus // 4

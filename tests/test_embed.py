@@ -118,3 +118,11 @@ def test_real_covers_embed_with_their_metadata(tmp_path):
     assert set(rows.columns) <= set(index.metadata.columns)
     _, ids = index.search(index.vectors[:5], k=1)
     assert list(ids[:, 0]) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("device, cpus, workers, batch", [
+    ("cpu", 2, 0, 16), ("cpu", 16, 4, 16), ("cuda", 2, 1, 64), ("cuda", 32, 8, 64)])
+def test_device_defaults_for_decode_workers_and_batch(device, cpus, workers, batch):
+    from stylegen.embed import default_batch_size, default_workers
+
+    assert default_workers(device, cpus) == workers and default_batch_size(device) == batch
