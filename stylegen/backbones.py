@@ -143,9 +143,9 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm of an EfficientNet-Lite into the conv before it.
 
     The frozen network computes the same function (up to float rounding) with a third fewer
-    kernels per block; returns the number of folded pairs. Symmetric static "same" padding
-    moves into the convolution too (a separate pad op costs ~20% of a batch-1 forward). The BatchNorm becomes Identity,
-    so a hook on it (the ``stem`` tap) still sees the conv+BN output.
+    kernels per block; returns the number of folded pairs. The BatchNorm becomes Identity, so a
+    hook on it (the ``stem`` tap) still sees the conv+BN output. Symmetric static "same"
+    padding moves into the convolution too (a separate pad op cost ~20% of a batch-1 forward).
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 

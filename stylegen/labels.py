@@ -277,7 +277,8 @@ def grouped_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`stratified_split`, but no group (e.g. artist) on both sides when ``groups``
     is given: covers of one artist look alike, so a validation split that shares artists
-    with training overrates nearest-neighbour votes and stops training late."""
+    with training overrates nearest-neighbour votes. Falls back to :func:`stratified_split`
+    when every row is its own group."""
     if groups is None:
         return stratified_split(targets, fraction, random_state)
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold

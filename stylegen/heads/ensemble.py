@@ -35,7 +35,8 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
     """Weighted average of ``head`` and ``knn`` probabilities.
 
     ``fit`` holds out a stratified ``val_fraction`` of the rows (group-disjoint when ``groups``,
-    e.g. artists, are given), fits clones of both heads on the rest and picks the weight in ``weights`` with the lowest validation **log-loss** (ties:
+    e.g. artists, are given), fits clones of both heads on the rest and picks the weight in
+    ``weights`` with the lowest validation **log-loss** (ties:
     the smallest weight); both heads are then refitted on all rows. ``weight_`` is the head's
     share, ``val_losses_`` the loss of every candidate weight.
     """
