@@ -53,8 +53,8 @@ def embed(
     whiten: Annotated[bool, typer.Option(help="Whiten the PCA output.")] = False,
     flip: Annotated[bool, typer.Option(help="Average each image with its mirror image.")] = False,
     device: Device = "auto",
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Forward batch [default: 16 on CPU, 64 on GPU].")] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes [default: by device and cores].")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Forward batch (default: 16 on CPU, 64 on GPU).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: by device and cores).")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
