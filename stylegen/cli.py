@@ -68,7 +68,7 @@ def embed(
         p = _parts(parts or "both")
         config = EmbedConfig(
             backbone=BackboneConfig(name=backbone or "efficientnet-lite0", weights=weights,
-                                    taps=tuple(t.strip() for t in taps.split(",") if t.strip()) if taps else None),
+                                    taps=_split(taps) if taps else None),
             features=FeatureConfig(parts=p, weights={"style": style_weight, "content": content_weight}, flip=flip),
             compression=CompressionConfig(method=compression or "pca", dims={q: dim for q in ("style", "content")},
                                           whiten=whiten),
@@ -199,8 +199,13 @@ def similar(
             typer.echo(f"contact sheet: {html}")
 
 
+def _split(value: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _names(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    names = _split(value)
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
         raise StylegenError(f"{option} takes a comma-separated subset of {', '.join(allowed)}; got {value!r}")
@@ -228,12 +233,12 @@ def evaluate(
     if (test is None) == (cv is None):
         raise StylegenError("give exactly one of --test MANIFEST or --cv N")
     if cv is not None:
-        from stylegen.scoring import cross_validate
+        from stylegen.scoring import PART_CHOICES, cross_validate
         from stylegen.store import Index
         from stylegen.train import HEAD_NAMES
 
         cv_heads = _names(heads, HEAD_NAMES, "--heads")
-        cv_parts = _names(parts, ("style", "content", "both"), "--parts")
+        cv_parts = _names(parts, PART_CHOICES, "--parts")
         table, _ = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
         frame, results = cross_validate(index, cv, heads=cv_heads, parts=cv_parts, tabular=table)
         variants = {}
