@@ -56,7 +56,7 @@ def extract(backbone: str, flip: bool, batch_size: int = 32) -> None:
     out: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in views}
     t = time.perf_counter()
     done = 0
-    for _rows, pixels, bad in read_batches(list(range(len(paths))), paths, bb.image_size,
+    for _rows, pixels, bad in read_batches(list(range(len(paths))), paths, bb.preprocess,
                                            batch_size, 2, images.DEFAULT_MAX_PIXELS):
         assert not bad, bad
         x = feat.prepare(pixels)

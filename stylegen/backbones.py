@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stylegen.config import BackboneConfig
+from stylegen.config import BackboneConfig, Preprocess
 from stylegen.errors import ModelNotFoundError, StylegenError
 
 Tensor = torch.Tensor
@@ -43,9 +43,7 @@ class Backbone:
     model: nn.Module
     tap_modules: dict[str, nn.Module]
     content_fn: Callable[[nn.Module, Tensor], Tensor]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocess: Preprocess
     weights_id: str
     tokens: bool = False  # taps give (B, L, C) token maps instead of (B, C, H, W)
     _acts: dict[str, Tensor] = field(default_factory=dict, repr=False)
@@ -64,6 +62,18 @@ class Backbone:
     @property
     def taps(self) -> tuple[str, ...]:
         return tuple(self.tap_modules)
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocess.std
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> Backbone:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -185,9 +195,8 @@ def _build_lite(cfg: BackboneConfig) -> Backbone:
         model=model,
         tap_modules=taps,
         content_fn=_lite_content,
-        image_size=cfg.image_size or _LITE[cfg.name][2],
-        mean=(0.5, 0.5, 0.5),  # EfficientNet-Lite expects inputs in [-1, 1]
-        std=(0.5, 0.5, 0.5),
+        # EfficientNet-Lite expects inputs in [-1, 1]
+        preprocess=Preprocess(size=cfg.image_size or _LITE[cfg.name][2], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         weights_id=file_sha256(weights),
     )
 
@@ -251,9 +260,9 @@ def _build_open_clip(cfg: BackboneConfig) -> Backbone:
         model=model,
         tap_modules=taps,
         content_fn=_open_clip_content,
-        image_size=cfg.image_size or int(size),
-        mean=tuple(pp["mean"]),
-        std=tuple(pp["std"]),
+        preprocess=Preprocess(size=cfg.image_size or int(size), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                              resize_filter=pp.get("interpolation", "bicubic") if pp.get("interpolation")
+                              in ("bilinear", "bicubic", "lanczos") else "bicubic"),
         weights_id=weights_id,
         tokens=tokens,
     )

@@ -11,6 +11,43 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PARTS = ("style", "content")
+RESIZE_FILTERS = ("bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image file becomes the backbone's input; it belongs to the backbone and is
+    stored in the index's manifest, so the collection and every query are decoded alike.
+
+    JPEGs are decoded in draft mode at the smallest scale whose shorter side is at least
+    ``size`` (when ``draft``), the shorter side is resized to ``size`` with ``resize_filter``,
+    the centre ``size`` x ``size`` square is cropped, and channels are normalised with
+    ``(x / 255 - mean) / std``.
+    """
+
+    size: int = 224
+    resize_filter: str = "bilinear"
+    draft: bool = True
+    crop: str = "center"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize_filter must be one of {RESIZE_FILTERS}, got {self.resize_filter!r}")
+        if self.crop != "center":
+            raise ValueError(f"crop must be 'center', got {self.crop!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        d = dict(data)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stylegen import backbones, images
 from stylegen.compress import Compressor, combine
-from stylegen.config import EmbedConfig
+from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.features import Featurizer
 from stylegen.store import FORMAT_VERSION, Index, choose_index_key, load_raw, write_snapshot
@@ -104,14 +104,14 @@ def load_featurizer(
 
 
 class _Reader(Dataset):
-    def __init__(self, rows: list[int], paths: list[str], size: int, max_pixels: int) -> None:
-        self.rows, self.paths, self.size, self.max_pixels = rows, paths, size, max_pixels
+    def __init__(self, rows: list[int], paths: list[str], spec: Preprocess, max_pixels: int) -> None:
+        self.rows, self.paths, self.spec, self.max_pixels = rows, paths, spec, max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> images.Decoded:
-        return images.decode(self.rows[i], self.paths[i], self.size, self.max_pixels)
+        return images.decode(self.rows[i], self.paths[i], self.spec, self.max_pixels)
 
 
 def _collate(items: list[images.Decoded]) -> tuple[list[int], np.ndarray | None, list[images.Decoded]]:
@@ -122,11 +122,11 @@ def _collate(items: list[images.Decoded]) -> tuple[list[int], np.ndarray | None,
 
 
 def read_batches(
-    rows: list[int], paths: list[str], size: int, batch_size: int, workers: int, max_pixels: int
+    rows: list[int], paths: list[str], spec: Preprocess, batch_size: int, workers: int, max_pixels: int
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[images.Decoded]]]:
     """Decode images in ``workers`` processes, yielding (rows, uint8 batch, failures)."""
     loader = DataLoader(
-        _Reader(rows, paths, size, max_pixels), batch_size=batch_size, num_workers=workers,
+        _Reader(rows, paths, spec, max_pixels), batch_size=batch_size, num_workers=workers,
         collate_fn=_collate, prefetch_factor=4 if workers else None,
     )
     yield from loader
@@ -306,7 +306,7 @@ def _run(
     bad: list[dict[str, str]] = []
     row_hash = run["content_hash"].tolist()
     row_image = run["image"].tolist()
-    batches = read_batches(list(range(len(run))), run["path"].tolist(), featurizer.backbone.image_size,
+    batches = read_batches(list(range(len(run))), run["path"].tolist(), featurizer.backbone.preprocess,
                            batch_size, workers, max_pixels)
     with embed_progress(len(run), enabled=progress) as advance:
         for rows, pixels, failed in batches:
@@ -373,6 +373,7 @@ def _manifest(config: EmbedConfig, featurizer: Featurizer, compressor: Compresso
         "config": config.to_dict(),
         "backbone": {"name": bb.name, "weights_id": bb.weights_id, "taps": list(bb.taps),
                      "image_size": bb.image_size, "mean": list(bb.mean), "std": list(bb.std)},
+        "preprocess": bb.preprocess.to_dict(),
         "parts": list(slices),
         "slices": {p: list(s) for p, s in slices.items()},
         "dims": compressor.dims,

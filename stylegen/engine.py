@@ -78,10 +78,9 @@ class Engine:
 
     def embed_paths(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
         """Vectors of the readable images, their positions in ``paths``, and the bad ones."""
-        size = self.featurizer.backbone.image_size
         good, pix, bad = [], [], []
         for i, p in enumerate(paths):
-            d = images.decode(i, str(p), size)
+            d = images.decode(i, str(p), self.index.preprocess)
             if d.pixels is None:
                 bad.append({"image": str(p), "reason": d.error or "unreadable"})
             else:

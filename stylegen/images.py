@@ -7,17 +7,20 @@ and the caller lists them in the run's report.
 from __future__ import annotations
 
 import hashlib
+import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from stylegen.config import Preprocess
 from stylegen.errors import BadImageError, SourceError
 
-DEFAULT_MAX_PIXELS = 40_000_000  # absurdly large images are skipped, not decoded
+DEFAULT_MAX_PIXELS = 40_000_000  # absurdly large images are refused (collection and queries alike)
 MAX_FILE_BYTES = 100 * 1024 * 1024
 
 
@@ -93,23 +96,30 @@ def hash_files(paths: list[str], workers: int = 4) -> list[tuple[str | None, str
         return list(pool.map(hash_file, paths))
 
 
-def open_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB, using JPEG draft mode to decode at the smallest scale >= ``size``.
+ImageInput = Union[str, Path, bytes, Image.Image]
+_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
-    Raises :class:`BadImageError` for anything that is not a decodable, sane image.
+
+def open_image(source: str | Path | bytes, draft_size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file or bytes to RGB; JPEGs at the smallest draft scale whose sides are all
+    at least ``draft_size`` (None: full size).
+
+    The size in the header is checked before any pixel is decoded. Raises
+    :class:`BadImageError` for anything that is not a decodable, sane image.
     """
-    import io
-
+    if isinstance(source, bytes) and not source:
+        raise BadImageError("empty file")
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         img = Image.open(fp)
         w, h = img.size  # from the header: checked before any pixel is decoded
-        if w * h > min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
-            raise BadImageError(f"image too large ({w}x{h} pixels)")
+        if w * h > pixel_limit(max_pixels):
+            raise BadImageError(f"image too large ({w}x{h} = {w * h:,} pixels; the limit is {pixel_limit(max_pixels):,})")
         if w < 1 or h < 1:
             raise BadImageError("image has no pixels")
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))
+        if img.format == "JPEG" and draft_size:
+            img.draft("RGB", (draft_size, draft_size))
         img = img.convert("RGB")
         img.load()
     except BadImageError:
@@ -123,17 +133,41 @@ def open_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_
     return img
 
 
-def resize_center(img: Image.Image, size: int, flip: bool = False) -> np.ndarray:
+def pixel_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The effective pixel limit: ours, or PIL's bomb-warning threshold if that is lower."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    return min(max_pixels, pil_limit) if pil_limit else max_pixels
+
+
+def resize_center(img: Image.Image, size: int, flip: bool = False, resize_filter: str = "bilinear") -> np.ndarray:
     """Shorter side to ``size``, center crop to ``size``x``size``; uint8 HWC array."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
+    img = img.resize((nw, nh), _FILTERS[resize_filter], reducing_gap=2.0)
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
+
+
+def prepare(source: ImageInput, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The backbone's uint8 (S, S, 3) input for a file, its bytes or a decoded image.
+
+    This is the one decoding path of stylegen: the collection (``stylegen embed``) and
+    every query (CLI, service, evaluation, music libraries) go through it with the index's
+    own :class:`~stylegen.config.Preprocess`. A path and its bytes give identical pixels; an
+    already decoded PIL image skips only the JPEG draft step.
+    """
+    if isinstance(source, Image.Image):
+        w, h = source.size
+        if w * h > pixel_limit(max_pixels):
+            raise BadImageError(f"image too large ({w}x{h} pixels)")
+        img = source.convert("RGB")
+    else:
+        img = open_image(source, spec.size if spec.draft else None, max_pixels)
+    return resize_center(img, spec.size, resize_filter=spec.resize_filter)
 
 
 @dataclass(frozen=True)
@@ -145,8 +179,9 @@ class Decoded:
     error: str | None
 
 
-def decode(row: int, path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(row: int, path: str, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """:func:`prepare` for the batch reader: the failure is returned, not raised."""
     try:
-        return Decoded(row, resize_center(open_image(path, size, max_pixels), size), None)
+        return Decoded(row, prepare(path, spec, max_pixels), None)
     except BadImageError as exc:
         return Decoded(row, None, str(exc))

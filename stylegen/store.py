@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from stylegen.compress import Compressor
-from stylegen.config import EmbedConfig
+from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
 
 FORMAT_VERSION = 1
@@ -120,6 +120,15 @@ class Index:
     def feature_id(self) -> str:
         """Identifies the vector space (settings + fitted compressor): heads are tied to it."""
         return self.manifest["feature_id"]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How the collection's images were decoded (indexes before the spec: the backbone's)."""
+        spec = self.manifest.get("preprocess")
+        if spec is None:
+            bb = self.manifest["backbone"]
+            spec = {"size": bb["image_size"], "mean": bb["mean"], "std": bb["std"]}
+        return Preprocess.from_dict(spec)
 
     @property
     def slices(self) -> dict[str, tuple[int, int]]:
