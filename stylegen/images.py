@@ -73,22 +73,37 @@ def _read_manifest(csv: Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def hash_file(path: str | Path) -> tuple[str | None, str | None]:
-    """(sha1 of the file's bytes, None) or (None, reason it cannot be used)."""
+def read_bytes(path: str | Path) -> bytes:
+    """The image bytes behind a SOURCE row's ``path`` (an image file's contents).
+
+    Every reader (hashing, decoding, queries) goes through this function, so an item is
+    hashed and decoded from the same bytes. Raises :class:`BadImageError` with the reason.
+    """
     p = Path(path)
     try:
-        size = p.stat().st_size
         if not p.is_file():
-            return None, "not a file"
+            raise BadImageError("file not found" if not p.exists() else "not a file")
+        size = p.stat().st_size
         if size == 0:
-            return None, "empty file"
+            raise BadImageError("empty file")
         if size > MAX_FILE_BYTES:
-            return None, f"file too large ({size} bytes)"
-        return hashlib.sha1(p.read_bytes()).hexdigest(), None
-    except FileNotFoundError:
-        return None, "file not found"
+            raise BadImageError(f"file too large ({size} bytes)")
+        return p.read_bytes()
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+        raise BadImageError(f"unreadable: {exc.strerror or exc}") from None
+
+
+def hash_bytes(data: bytes) -> str:
+    """The content hash that identifies a cover (sha1 of its image bytes)."""
+    return hashlib.sha1(data).hexdigest()
+
+
+def hash_file(path: str | Path) -> tuple[str | None, str | None]:
+    """(content hash, None) or (None, reason the file cannot be used)."""
+    try:
+        return hash_bytes(read_bytes(path)), None
+    except BadImageError as exc:
+        return None, str(exc)
 
 
 def hash_files(paths: list[str], workers: int = 4) -> list[tuple[str | None, str | None]]:
@@ -160,6 +175,8 @@ def prepare(source: ImageInput, spec: Preprocess, max_pixels: int = DEFAULT_MAX_
     own :class:`~stylegen.config.Preprocess`. A path and its bytes give identical pixels; an
     already decoded PIL image skips only the JPEG draft step.
     """
+    if isinstance(source, str | Path):
+        source = read_bytes(source)
     if isinstance(source, Image.Image):
         w, h = source.size
         if w * h > pixel_limit(max_pixels):
@@ -182,6 +199,6 @@ class Decoded:
 def decode(row: int, path: str, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """:func:`prepare` for the batch reader: the failure is returned, not raised."""
     try:
-        return Decoded(row, prepare(path, spec, max_pixels), None)
+        return Decoded(row, prepare(read_bytes(path), spec, max_pixels), None)
     except BadImageError as exc:
         return Decoded(row, None, str(exc))

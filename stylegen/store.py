@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class Index:
     compressor: Compressor
     faiss_index: faiss.Index
     _part_indexes: dict[str, faiss.Index] = field(default_factory=dict, repr=False)
+    _hash_rows: dict[str, int] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, root: str | Path, use_gpu: bool | None = None) -> Index:
@@ -133,6 +135,17 @@ class Index:
     @property
     def slices(self) -> dict[str, tuple[int, int]]:
         return {p: tuple(s) for p, s in self.manifest["slices"].items()}
+
+    def rows(self, ids: Sequence[int]) -> pd.DataFrame:
+        """Metadata of the given rows, in that order (the only way the query side reads it)."""
+        return self.metadata.iloc[list(ids)]
+
+    def lookup_hashes(self, hashes: Sequence[str | None]) -> list[int | None]:
+        """Row of the cover with each content hash, or None when it is not in the index."""
+        if self._hash_rows is None:
+            col = self.metadata["content_hash"].to_numpy()
+            self._hash_rows = {h: i for i, h in reversed(list(enumerate(col)))}
+        return [self._hash_rows.get(h) if h else None for h in hashes]
 
     def check_compatible(self, config: EmbedConfig) -> None:
         """Refuse a query embedded with other settings than the collection."""
