@@ -139,29 +139,19 @@ def classify(
     device: Device = "auto",
 ) -> None:
     """Top genres (with the hierarchical path) for each IMAGE."""
-    import numpy as np
-    import pandas as pd
-
-    from stylegen.engine import Engine, open_query_image
+    from stylegen.engine import Engine
 
     engine = Engine.open(index, device=device)
-    imgs = [open_query_image(p) for p in image]
-    trained_columns = engine.head_config.get("tabular_columns") if tabular is not None else None
-    table, _ = _table(pd.DataFrame({tabular_key: [str(p) for p in image]}), tabular,
-                      tabular_columns or (",".join(trained_columns) if trained_columns else None), tabular_key)
-    vectors = engine.embed_images(imgs)
-    rows = [engine.find(p) for p in image]
-    proba, classes = engine.predict_proba(vectors, method, rows=[-1 if r is None else r for r in rows],
-                                          tabular=table)
-    results = [{"image": str(p), "in_index": r is not None, **engine.describe(np.asarray(pr), classes, top)}
-               for p, r, pr in zip(image, rows, proba, strict=True)]
+    keys = [str(p) for p in image]
+    table = engine.tabular_for(keys, tabular, _columns(tabular_columns), tabular_key) if tabular else None
+    results, bad = engine.query_many(image, top=top, method=method, tabular=table)
     if as_json:
-        typer.echo(json.dumps({"method": method or engine.head_config["default_method"], "results": results}, indent=2))
-        return
-    for r in results:
+        typer.echo(json.dumps({"results": [r.to_dict() for r in results], "skipped": bad}, indent=2))
+    for r in results if not as_json else []:
         shown = ", ".join(f"{g['genre']} {g['probability']:.2f}" + (f" ({' › '.join(g['path'])})" if len(g["path"]) > 1 else "")
-                          for g in r["genres"])
-        typer.echo(f"{r['image']}: {shown}")
+                          for g in r.genres)
+        typer.echo(f"{r.label}: {shown}" + ("  [in the index: its own vote left out]" if r.in_index else ""))
+    _report_skipped(bad, len(results))
 
 
 @app.command()
@@ -175,41 +165,32 @@ def similar(
     device: Device = "auto",
 ) -> None:
     """Nearest covers in the index to IMAGE (the query itself is marked when indexed)."""
-    from stylegen.engine import Engine, open_query_image
-    from stylegen.search import contact_sheet, format_neighbours
+    from stylegen.engine import Engine
+    from stylegen.search import format_neighbours, write_contact_sheet
 
-    if by not in ("style", "content", "both"):
-        raise StylegenError(f"--by must be style, content or both, got {by!r}")
     engine = Engine.open(index, device=device)
-    img = open_query_image(image)
-    row = engine.find(image)
-    if row is not None:
-        hits = engine.similar_id(row, k, by)
-    else:
-        hits = engine.similar(img, k, by)
+    result = engine.query(image, k=k, by=by, classify=False)
     if html is not None:
-        page = contact_sheet(img, image.name, hits, [engine.cover_path(h["id"]) for h in hits], by)
-        html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(page, encoding="utf-8")
+        write_contact_sheet(html, engine, image, result, by)
     if as_json:
-        typer.echo(json.dumps({"query": str(image), "in_index": row is not None, "by": by, "neighbours": hits}, indent=2))
-    else:
-        typer.echo(format_neighbours(hits))
-        if html is not None:
-            typer.echo(f"contact sheet: {html}")
+        typer.echo(json.dumps({"query": str(image), "in_index": result.in_index, "by": by,
+                               "neighbours": result.neighbours}, indent=2))
+        return
+    typer.echo(format_neighbours(result.neighbours))
+    if html is not None:
+        typer.echo(f"contact sheet: {html}")
 
 
-def _split(value: str) -> tuple[str, ...]:
-    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+def _columns(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
-def _names(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
-    names = _split(value)
-    unknown = [n for n in names if n not in allowed]
-    if unknown or not names:
-        raise StylegenError(f"{option} takes a comma-separated subset of {', '.join(allowed)}; got {value!r}")
-    return names
+def _report_skipped(bad: list[dict[str, str]], done: int) -> None:
+    """One stderr line per unreadable image; when none could be read, that line is the error."""
+    if bad and not done:
+        raise StylegenError("; ".join(f"{b['image']}: {b['reason']}" for b in bad))
+    for b in bad:
+        typer.echo(f"skipped {b['image']}: {b['reason']}", err=True)
 
 
 @app.command()
@@ -228,73 +209,19 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Score the genre models on a test manifest, or by cross-validation on the index."""
-    from stylegen.evaluate import to_markdown, write_report
+    from stylegen import scoring
 
     if (test is None) == (cv is None):
         raise StylegenError("give exactly one of --test MANIFEST or --cv N")
+    table = scoring.TableSpec(tabular, _columns(tabular_columns), tabular_key) if tabular or tabular_columns else None
     if cv is not None:
-        from stylegen.scoring import PART_CHOICES, cross_validate
-        from stylegen.store import Index
         from stylegen.train import HEAD_NAMES
 
-        cv_heads = _names(heads, HEAD_NAMES, "--heads")
-        cv_parts = _names(parts, PART_CHOICES, "--parts")
-        table, _ = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
-        frame, results = cross_validate(index, cv, heads=cv_heads, parts=cv_parts, tabular=table)
-        variants = {}
-        if table is not None:
-            from stylegen.scoring import plot_variant_confusions, variant_tables
-
-            variants = variant_tables(results)
-        if report is not None:
-            best = "mlp-hybrid" if table is not None else max(results, key=lambda k: results[k]["accuracy"])
-            write_report(results[best], report, f"Cross-validation ({cv} stratified, artist-disjoint folds); "
-                         f"{'headline' if table is not None else 'best'}: {best}",
-                         extra_tables={**variants, "All heads and feature parts": frame})
-            if table is not None:
-                plot_variant_confusions(results, report)
-        if as_json:
-            keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy",
-                    "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std")
-            typer.echo(json.dumps({k: {m: v[m] for m in keys if m in v} for k, v in results.items()}, indent=2))
-        else:
-            typer.echo(to_markdown(frame))
-            for name, t in list(variants.items())[:2]:
-                typer.echo(f"{name}\n\n{to_markdown(t)}")
-        return
-    from stylegen.engine import Engine
-    from stylegen.images import list_source
-    from stylegen.scoring import evaluate_test
-
-    engine = Engine.open(index, device=device)
-    table, _ = _table(list_source(test), tabular, tabular_columns, tabular_key)
-    metrics = evaluate_test(engine, test, method, tabular=table)
-    if report is not None:
-        write_report(metrics, report, f"Evaluation of {index} on {test}")
-    if as_json:
-        typer.echo(json.dumps(_jsonable(metrics), indent=2))
-        return
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "macro_auroc", "macro_auprc")
-    typer.echo("  ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
-                         for k in keys if k in metrics))
-    if metrics["n_in_training_excluded"]:
-        typer.echo(f"left out {metrics['n_in_training_excluded']} test covers the heads were trained on")
-    for src, m in (metrics.get("by_source") or {}).items():
-        typer.echo(f"  {src}: n={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f}")
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
+        outcome = scoring.run_cv(index, cv, heads=_names(heads, HEAD_NAMES, "--heads"),
+                                 parts=_names(parts, scoring.PART_CHOICES, "--parts"), table=table, report=report)
+    else:
+        outcome = scoring.run_test(index, test, method=method, table=table, report=report, device=device)
+    typer.echo(json.dumps(outcome.as_json(), indent=2) if as_json else outcome.summary())
 
 
 @app.command()

@@ -1,49 +1,99 @@
-"""Query side: open an index once, embed new images exactly like the collection,
-classify them with the trained heads and find similar covers.
+"""The query side: one path from any input to genres and similar covers.
 
-``Engine`` is what the CLI's classify/similar/evaluate commands and the HTTP service
-call; a notebook user can call it directly::
+``Engine.query`` takes a file path, uploaded bytes, a decoded PIL image or a cover id and
+
+1. reads the item's bytes once, hashes them and looks the hash up in the index: a cover of
+   the index is answered from its stored vector and is left out of its own kNN vote;
+2. otherwise decodes it with the index's own preprocessing (``images.prepare`` with
+   ``Index.preprocess``) and embeds it with the index's backbone, features and compressor;
+3. scores it with the trained heads (one calling contract for every head) and finds its
+   nearest covers.
+
+The CLI's ``classify``/``similar``, the HTTP service, ``evaluate --test`` and the music
+library scan are thin adapters over it, so the same file gets the same answer everywhere::
 
     engine = Engine.open("indexes/covers")
-    engine.classify(PIL.Image.open("cover.jpg"))
-    engine.similar(PIL.Image.open("cover.jpg"), k=12, by="style")
+    r = engine.query("cover.jpg", top=3, k=12)
+    r.genres, r.neighbours
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from stylegen import images
-from stylegen.compress import combine
 from stylegen.errors import (
     BadImageError,
     DataError,
     IndexMismatchError,
     ModelNotFoundError,
     StylegenError,
+    UnknownCoverError,
 )
-from stylegen.features import Featurizer
 from stylegen.labels import Taxonomy
 from stylegen.store import Index
 
 METHODS = ("head", "knn", "ensemble")
+BY = ("style", "content", "both")
 HEADS_DIR = "heads"
+
+QueryItem = str | Path | bytes | Image.Image | int
+
+
+@dataclass
+class QueryResult:
+    """Everything one query answers; ``to_dict`` is the JSON shape of the CLI and the API."""
+
+    label: str
+    vector: np.ndarray
+    row: int | None = None
+    content_hash: str | None = None
+    size: tuple[int, int] | None = None
+    method: str | None = None
+    proba: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+    genres: list[dict[str, Any]] = field(default_factory=list)
+    levels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    neighbours: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def in_index(self) -> bool:
+        return self.row is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.label, "in_index": self.in_index, "id": self.row}
+        if self.method is not None:
+            out.update(method=self.method, genres=self.genres, levels=self.levels)
+        if self.neighbours:
+            out["neighbours"] = self.neighbours
+        return out
+
+
+@dataclass
+class _Item:
+    """One query input after reading: its row in the index, or the pixels to embed."""
+
+    label: str
+    row: int | None = None
+    content_hash: str | None = None
+    size: tuple[int, int] | None = None
+    pixels: np.ndarray | None = None
 
 
 @dataclass
 class Engine:
-    """An opened index plus, lazily, its featurizer and trained heads."""
+    """An opened index plus, loaded on first use, its featurizer and the heads asked for."""
 
     index: Index
     device: str = "auto"
-    _featurizer: Featurizer | None = field(default=None, repr=False)
+    _featurizer: Any = field(default=None, repr=False)
     _heads: dict[str, Any] = field(default_factory=dict, repr=False)
     _head_config: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -51,20 +101,104 @@ class Engine:
     def open(cls, index_dir: str | Path, device: str = "auto") -> Engine:
         return cls(Index.open(index_dir), device=device)
 
+    # ---- the one query path ------------------------------------------------------------
+    def query(self, item: QueryItem, *, top: int = 3, method: str | None = None, k: int = 0,
+              by: str = "both", classify: bool = True, tabular: np.ndarray | None = None,
+              label: str | None = None) -> QueryResult:
+        """Genres (``classify``) and ``k`` nearest covers (by ``by``) of one item.
+
+        Raises :class:`BadImageError` for an unreadable image and
+        :class:`UnknownCoverError` for an id that is not in the index.
+        """
+        results, bad = self.query_many([item], top=top, method=method, k=k, by=by, classify=classify,
+                                       tabular=tabular, labels=None if label is None else [label],
+                                       keep_errors=True)
+        if bad:
+            exc = bad[0]["error"]
+            raise type(exc)(f"{bad[0]['image']}: {exc}")
+        return results[0]
+
+    def query_many(self, items: Sequence[QueryItem], *, top: int = 3, method: str | None = None,
+                   k: int = 0, by: str = "both", classify: bool = True,
+                   tabular: np.ndarray | None = None, labels: Sequence[str] | None = None,
+                   batch_size: int = 32, keep_errors: bool = False) -> tuple[list[QueryResult], list[dict[str, Any]]]:
+        """:meth:`query` for many items; unreadable ones are skipped and returned as
+        ``[{"image", "reason"}]``. ``tabular`` has one row per item (hybrid heads)."""
+        if by not in BY:
+            raise StylegenError(f"by must be one of {', '.join(BY)}, got {by!r}")
+        if tabular is not None and len(tabular) != len(items):
+            raise DataError(f"tabular has {len(tabular)} rows for {len(items)} images")
+        read = [self._read(item, None if labels is None else labels[i]) for i, item in enumerate(items)]
+        keep = [i for i, r in enumerate(read) if isinstance(r, _Item)]
+        bad = [{"image": r[0], "reason": str(r[1]), "error": r[1]} for r in read if not isinstance(r, _Item)]
+        bad = [b if keep_errors else {"image": b["image"], "reason": b["reason"]} for b in bad]
+        if not keep:
+            return [], bad
+        good: list[_Item] = [read[i] for i in keep]  # type: ignore[misc]
+        vectors = self._vectors(good, batch_size)
+        results = [QueryResult(it.label, v, it.row, it.content_hash, it.size) for it, v in zip(good, vectors, strict=True)]
+        rows = [it.row for it in good]
+        if classify:
+            tab = None if tabular is None else np.asarray(tabular)[keep]
+            proba, classes, used = self.predict_proba(vectors, method, rows=rows, tabular=tab)
+            for r, p in zip(results, proba, strict=True):
+                r.method, r.proba, r.classes = used, p, classes
+                described = self.describe(p, classes, top)
+                r.genres, r.levels = described["genres"], described.get("levels", {})
+        if k > 0:
+            for r, hits in zip(results, self.neighbours(vectors, k, by, rows), strict=True):
+                r.neighbours = hits
+        return results, bad
+
+    def _read(self, item: QueryItem, label: str | None) -> _Item | tuple[str, BadImageError]:
+        """Find the item in the index by content hash, else decode it; or (label, reason)."""
+        if isinstance(item, int | np.integer) and not isinstance(item, bool):
+            row = self._row(int(item))
+            return _Item(label or f"id:{row}", row, self.index.rows([row])["content_hash"].iloc[0])
+        if isinstance(item, Image.Image):
+            name = label or "image"
+            try:
+                return _Item(name, size=item.size, pixels=images.prepare(item, self.index.preprocess))
+            except BadImageError as exc:
+                return name, exc
+        name = label or (str(item) if isinstance(item, str | Path) else "upload")
+        try:
+            data = item if isinstance(item, bytes) else images.read_bytes(item)
+            digest = images.hash_bytes(data) if data else None
+            row = self.index.lookup_hashes([digest])[0]
+            if row is not None:
+                return _Item(name, row, digest, images.header_size(data))
+            return _Item(name, None, digest, images.header_size(data), images.prepare(data, self.index.preprocess))
+        except BadImageError as exc:
+            return name, exc
+
+    def _vectors(self, items: Sequence[_Item], batch_size: int) -> np.ndarray:
+        """Stored vectors for covers of the index, freshly embedded ones for the rest."""
+        out = np.zeros((len(items), self.index.manifest["dim"]), np.float32)
+        stored = [i for i, it in enumerate(items) if it.row is not None]
+        if stored:
+            out[stored] = np.asarray(self.index.vectors[[items[i].row for i in stored]], np.float32)
+        fresh = [i for i, it in enumerate(items) if it.row is None]
+        if fresh:
+            out[fresh] = self.embed_pixels(np.stack([items[i].pixels for i in fresh]), batch_size)
+        return out
+
     # ---- embedding -------------------------------------------------------------------
     @property
-    def featurizer(self) -> Featurizer:
+    def featurizer(self) -> Any:
         if self._featurizer is None:
             from stylegen.embed import load_featurizer
 
-            cfg = self.index.config
-            self._featurizer = load_featurizer(cfg, self.device, self.index.manifest.get("precision", "auto"))
+            self._featurizer = load_featurizer(self.index.config, self.device,
+                                               self.index.manifest.get("precision", "auto"))
             if self._featurizer.backbone.weights_id != self.index.manifest["backbone"]["weights_id"]:
                 raise IndexMismatchError("the installed backbone weights differ from the index's")
         return self._featurizer
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Final index vectors for uint8 (n, S, S, 3) images prepared by ``images.resize_center``."""
+        """Index vectors for uint8 (n, S, S, 3) inputs made by :func:`images.prepare`."""
+        from stylegen.compress import combine
+
         out = []
         for i in range(0, len(pixels), batch_size):
             raw = self.featurizer(pixels[i : i + batch_size])
@@ -72,43 +206,27 @@ class Engine:
             out.append(combine(parts, self.index.config.features.weights)[0])
         return np.concatenate(out) if out else np.zeros((0, self.index.manifest["dim"]), np.float32)
 
-    def embed_images(self, imgs: Sequence[Image.Image]) -> np.ndarray:
-        size = self.featurizer.backbone.image_size
-        return self.embed_pixels(np.stack([images.resize_center(im.convert("RGB"), size) for im in imgs]))
-
-    def embed_paths(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
-        """Vectors of the readable images, their positions in ``paths``, and the bad ones."""
-        good, pix, bad = [], [], []
-        for i, p in enumerate(paths):
-            d = images.decode(i, str(p), self.index.preprocess)
-            if d.pixels is None:
-                bad.append({"image": str(p), "reason": d.error or "unreadable"})
-            else:
-                good.append(i)
-                pix.append(d.pixels)
-        vecs = self.embed_pixels(np.stack(pix)) if pix else np.zeros((0, self.index.manifest["dim"]), np.float32)
-        return vecs, good, bad
-
     # ---- heads -----------------------------------------------------------------------
     @property
     def head_config(self) -> dict[str, Any]:
         if self._head_config is None:
-            path = self.index.root / HEADS_DIR / "heads.json"
-            if not path.is_file():
-                raise ModelNotFoundError(f"no trained heads in {self.index.root} (run `stylegen train --index {self.index.root}`)")
-            cfg = json.loads(path.read_text())
+            from stylegen.train import read_head_set
+
+            cfg = read_head_set(self.index.root)
             if cfg["feature_id"] != self.index.feature_id:
                 raise IndexMismatchError("the heads were trained before the index changed; run `stylegen train` again")
             self._head_config = cfg
         return self._head_config
 
     def head(self, name: str) -> Any:
+        """One trained head, loaded from disk the first time it is asked for."""
         if name not in self._heads:
             from stylegen.heads import load_head
 
-            path = self.index.root / HEADS_DIR / f"{name}.joblib"
-            if not path.is_file():
-                raise ModelNotFoundError(f"head {name!r} is not trained in {self.index.root} (trained: {', '.join(self.head_config['heads'])})")
+            path = Path(self.head_config["dir"]) / f"{name}.joblib"
+            if name not in self.head_config["heads"] or not path.is_file():
+                raise ModelNotFoundError(f"head {name!r} is not trained in {self.index.root} "
+                                         f"(trained: {', '.join(self.head_config['heads'])})")
             self._heads[name] = load_head(path, expect_feature_id=self.index.feature_id)
         return self._heads[name]
 
@@ -117,119 +235,110 @@ class Engine:
         tree = self.head_config.get("taxonomy")
         return Taxonomy.from_tree(tree) if tree else None
 
-    def predict_proba(self, vectors: np.ndarray, method: str | None = None, *,
-                      rows: Sequence[int] | None = None, tabular: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
-        """Genre probabilities (n, classes) and the class names.
-
-        ``rows``: index row of each query when it is a cover of the index (its own vote is
-        then left out of kNN), else None. ``tabular``: numeric features for hybrid heads.
-        """
+    def head_name(self, method: str | None) -> tuple[str, str]:
+        """(method, head file name) for a classify method (None: the validated default)."""
         method = method or self.head_config["default_method"]
         if method not in METHODS:
             raise StylegenError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        name = {"head": self.head_config["default_head"], "knn": "knn", "ensemble": "ensemble"}[method]
-        head = self.head(name)
-        kwargs: dict[str, Any] = {}
-        if name in ("knn", "ensemble"):
-            kwargs["exclude"] = self._exclude(rows, len(vectors))
-        if self.head_config.get("tabular_columns") and name == "mlp":  # only the MLP reads the table
-            if tabular is None:
-                raise DataError(f"this head needs tabular columns: {', '.join(self.head_config['tabular_columns'])}")
-            kwargs["tabular"] = tabular
-        proba = head.predict_proba(vectors, **kwargs)
-        return np.asarray(proba, np.float64), [str(c) for c in head.classes_]
+        return method, {"head": self.head_config["default_head"], "knn": "knn", "ensemble": "ensemble"}[method]
 
-    def _exclude(self, rows: Sequence[int] | None, n: int) -> np.ndarray:
+    def predict_proba(self, vectors: np.ndarray, method: str | None = None, *,
+                      rows: Sequence[int | None] | None = None,
+                      tabular: np.ndarray | None = None) -> tuple[np.ndarray, list[str], str]:
+        """Genre probabilities (n, classes), the class names and the method used.
+
+        ``rows[i]`` is the index row of query ``i`` when it is a cover of the index: it is
+        then left out of its own vote. Every head takes the same arguments (``exclude``:
+        positions among its fitted rows; ``tabular``: per-item numbers, used by hybrid heads).
+        """
+        method, name = self.head_name(method)
+        columns = self.head_config.get("tabular_columns")
+        if columns and name in ("mlp",) and tabular is None:
+            raise DataError(f"this head needs tabular columns: {', '.join(columns)}")
+        head = self.head(name)
+        proba = head.predict_proba(vectors, exclude=self._exclude(rows, len(vectors)), tabular=tabular)
+        return np.asarray(proba, np.float64), [str(c) for c in head.classes_], method
+
+    def _exclude(self, rows: Sequence[int | None] | None, n: int) -> np.ndarray:
+        """Position among the heads' fitted rows of each query that is one of them, else -1."""
         if rows is None:
             return np.full(n, -1)
         pos = {r: i for i, r in enumerate(self.head_config["train_rows"])}
-        return np.array([pos.get(int(r), -1) if r is not None and r >= 0 else -1 for r in rows])
+        return np.array([-1 if r is None else pos.get(int(r), -1) for r in rows], dtype=np.int64)
 
     def describe(self, proba: np.ndarray, classes: list[str], top: int = 3) -> dict[str, Any]:
-        """Top genres with probabilities and hierarchical paths, plus every taxonomy level."""
-        order = np.argsort(-proba)[:top]
+        """Top genres with probabilities and hierarchical paths, plus the taxonomy's top level."""
+        order = np.argsort(-proba, kind="stable")[:top]
         tax = self.taxonomy
-        genres = [{"genre": classes[i], "probability": round(float(proba[i]), 4),
-                   "path": tax.path(classes[i]) if tax and tax.level_of(classes[i]) is not None else [classes[i]]}
+        genres = [{"genre": classes[i], "probability": round(float(proba[i]), 6),
+                   "path": tax.path(classes[i]) if tax and classes[i] in tax else [classes[i]]}
                   for i in order]
         out: dict[str, Any] = {"genres": genres}
         if tax is not None:
-            top_p, top_c = tax.roll_up(proba[None], classes)
-            idx = np.argsort(-top_p[0])[:top]
-            out["levels"] = {"top": [{"genre": top_c[i], "probability": round(float(top_p[0, i]), 4)} for i in idx]}
+            multi = self.head_config.get("labels") == "multi"
+            top_p, top_c = tax.roll_up(proba[None], classes, multi_label=multi)
+            idx = np.argsort(-top_p[0], kind="stable")[:top]
+            out["levels"] = {"top": [{"genre": top_c[i], "probability": round(float(top_p[0, i]), 6)} for i in idx]}
         return out
 
-    def classify(self, image: Image.Image, top: int = 3, method: str | None = None) -> dict[str, Any]:
-        proba, classes = self.predict_proba(self.embed_images([image]), method)
-        return self.describe(proba[0], classes, top)
+    def tabular_for(self, keys: Sequence[str], table: str | Path | pd.DataFrame,
+                    columns: Sequence[str] | None = None, key: str = "image") -> np.ndarray:
+        """The numbers the heads were trained on, for items ``keys``, read **by column name**.
 
-    def classify_id(self, cover_id: int, top: int = 3, method: str | None = None) -> dict[str, Any]:
-        row = self._row(cover_id)
-        proba, classes = self.predict_proba(np.asarray(self.index.vectors[row : row + 1]), method, rows=[row])
-        return self.describe(proba[0], classes, top)
+        ``columns`` (optional) must name the same set the heads were trained on; the table's
+        own column order never matters.
+        """
+        from stylegen.tabular import expand_columns, load_tabular
+
+        trained = self.head_config.get("tabular_columns")
+        if not trained:
+            raise DataError("these heads were trained without tabular columns")
+        if columns:
+            asked = expand_columns(columns, trained, "the trained columns")
+            if sorted(asked) != sorted(trained):
+                raise DataError(f"the heads were trained on columns {', '.join(trained)}; got {', '.join(asked)}")
+        values, _ = load_tabular(pd.DataFrame({key: list(keys)}), columns=list(trained), table=table, key=key)
+        return values
 
     # ---- similar covers --------------------------------------------------------------
     def neighbours(self, vectors: np.ndarray, k: int = 12, by: str = "both",
                    rows: Sequence[int | None] | None = None) -> list[list[dict[str, Any]]]:
-        sims, ids = self.index.search(vectors, k + 1, by=by)
+        """The ``k`` nearest covers of each vector; a cover of the index finds itself first,
+        marked ``is_query`` (decided by content hash, never by similarity)."""
+        sims, ids = self.index.search(vectors, k, by=by)
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        meta = self.index.rows(wanted)
+        by_row = {r: meta.iloc[j] for j, r in enumerate(wanted)}
         out = []
         for q, (s_row, i_row) in enumerate(zip(sims, ids, strict=True)):
             own = rows[q] if rows is not None else None
-            hits = [self._cover(int(i), float(s), own) for s, i in zip(s_row, i_row, strict=True) if i >= 0]
-            if own is None:  # an outside image that is byte-identical to a cover is marked too
-                for h in hits:
-                    h["is_query"] = h["similarity"] > 0.9999
-            out.append(hits[:k])
+            out.append([_cover(int(i), float(s), by_row[int(i)], own) for s, i in zip(s_row, i_row, strict=True) if i >= 0])
         return out
-
-    def similar(self, image: Image.Image, k: int = 12, by: str = "both") -> list[dict[str, Any]]:
-        return self.neighbours(self.embed_images([image]), k, by)[0]
-
-    def similar_id(self, cover_id: int, k: int = 12, by: str = "both") -> list[dict[str, Any]]:
-        row = self._row(cover_id)
-        return self.neighbours(np.asarray(self.index.vectors[row : row + 1]), k, by, rows=[row])[0]
-
-    def _cover(self, row: int, sim: float, own: int | None) -> dict[str, Any]:
-        meta = self.index.metadata.iloc[row]
-        genres = [g for g in str(meta.get("genres") or "").split("|") if g and g != "None"]
-        return {"id": row, "similarity": round(sim, 4), "genres": genres,
-                "artist": _text(meta.get("artist")), "album": _text(meta.get("album")),
-                "image": str(meta.get("image")), "is_query": own is not None and row == own}
 
     def _row(self, cover_id: int) -> int:
         if not 0 <= int(cover_id) < len(self.index):
-            raise KeyError(cover_id)
+            raise UnknownCoverError(f"unknown cover id {cover_id} (the index has ids 0 to {len(self.index) - 1})")
         return int(cover_id)
 
     def cover_path(self, cover_id: int) -> Path:
-        return Path(self.index.metadata.iloc[self._row(cover_id)]["path"])
-
-    def find(self, path: str | Path) -> int | None:
-        """Index row of the cover stored from this file (by content hash), if any."""
-        digest, _ = images.hash_file(path)
-        hits = np.flatnonzero(self.index.metadata["content_hash"].to_numpy() == digest)
-        return int(hits[0]) if len(hits) else None
+        return Path(self.index.rows([self._row(cover_id)])["path"].iloc[0])
 
     def info(self) -> dict[str, Any]:
         m = self.index.manifest
         try:
-            genres = list(self.head(self.head_config["default_head"]).classes_)
+            genres = list(self.head_config["classes"])
         except StylegenError:
             genres = []
         return {"count": len(self.index), "backbone": m["backbone"]["name"], "parts": m["parts"],
                 "dims": m["dims"], "genres": [str(g) for g in genres]}
 
 
+def _cover(row: int, sim: float, meta: pd.Series, own: int | None) -> dict[str, Any]:
+    genres = [g for g in str(meta.get("genres") or "").split("|") if g and g != "None"]
+    return {"id": row, "similarity": round(sim, 6), "genres": genres,
+            "artist": _text(meta.get("artist")), "album": _text(meta.get("album")),
+            "image": str(meta.get("image")), "is_query": own is not None and row == own}
+
+
 def _text(v: Any) -> str | None:
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
-
-
-def open_query_image(path: str | Path) -> Image.Image:
-    """Decode a query image with the same checks as the collection (one-line errors)."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadImageError(f"image not found: {p}")
-    try:
-        return images.open_image(p, 4096)
-    except BadImageError as exc:
-        raise BadImageError(f"{p}: {exc}") from None

@@ -35,3 +35,21 @@ class ModelNotFoundError(StylegenError):
 
 class DataError(StylegenError):
     """Labels, tabular columns or other table input is missing or malformed."""
+
+
+class UnknownCoverError(StylegenError):
+    """No cover with this id in the index."""
+
+    http_status = 404
+
+
+class UnsupportedImageError(BadImageError):
+    """The bytes are not an image format that can be read."""
+
+    http_status = 415
+
+
+class ImageTooLargeError(BadImageError):
+    """The image has too many bytes or too many pixels."""
+
+    http_status = 413

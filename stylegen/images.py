@@ -11,14 +11,13 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from stylegen.config import Preprocess
-from stylegen.errors import BadImageError, SourceError
+from stylegen.errors import BadImageError, ImageTooLargeError, SourceError, UnsupportedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # absurdly large images are refused (collection and queries alike)
 MAX_FILE_BYTES = 100 * 1024 * 1024
@@ -87,7 +86,7 @@ def read_bytes(path: str | Path) -> bytes:
         if size == 0:
             raise BadImageError("empty file")
         if size > MAX_FILE_BYTES:
-            raise BadImageError(f"file too large ({size} bytes)")
+            raise ImageTooLargeError(f"file too large ({size} bytes)")
         return p.read_bytes()
     except OSError as exc:
         raise BadImageError(f"unreadable: {exc.strerror or exc}") from None
@@ -111,7 +110,7 @@ def hash_files(paths: list[str], workers: int = 4) -> list[tuple[str | None, str
         return list(pool.map(hash_file, paths))
 
 
-ImageInput = Union[str, Path, bytes, Image.Image]
+ImageInput = str | Path | bytes | Image.Image
 _FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 
@@ -130,7 +129,7 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None,
         img = Image.open(fp)
         w, h = img.size  # from the header: checked before any pixel is decoded
         if w * h > pixel_limit(max_pixels):
-            raise BadImageError(f"image too large ({w}x{h} = {w * h:,} pixels; the limit is {pixel_limit(max_pixels):,})")
+            raise ImageTooLargeError(f"image too large ({w}x{h} = {w * h:,} pixels; the limit is {pixel_limit(max_pixels):,})")
         if w < 1 or h < 1:
             raise BadImageError("image has no pixels")
         if img.format == "JPEG" and draft_size:
@@ -141,11 +140,22 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None,
         raise
     except FileNotFoundError:
         raise BadImageError("file not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(f"not a readable image ({type(exc).__name__})") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageError("not a readable image (UnidentifiedImageError)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"corrupt or truncated image: {str(exc).splitlines()[0]}") from None
     return img
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's header without decoding pixels; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def pixel_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
@@ -180,7 +190,7 @@ def prepare(source: ImageInput, spec: Preprocess, max_pixels: int = DEFAULT_MAX_
     if isinstance(source, Image.Image):
         w, h = source.size
         if w * h > pixel_limit(max_pixels):
-            raise BadImageError(f"image too large ({w}x{h} pixels)")
+            raise ImageTooLargeError(f"image too large ({w}x{h} pixels)")
         img = source.convert("RGB")
     else:
         img = open_image(source, spec.size if spec.draft else None, max_pixels)

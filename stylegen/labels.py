@@ -188,11 +188,18 @@ class Taxonomy:
         return tuple(g for g in self.parents if not self.children.get(g))
 
     def roll_up(
-        self, proba: np.ndarray, classes: Sequence[str], level: int = 0
+        self, proba: np.ndarray, classes: Sequence[str], level: int = 0, multi_label: bool = False
     ) -> tuple[np.ndarray, list[str]]:
-        """Sum class probabilities into their ancestors at ``level`` (sorted by name).
+        """Class probabilities carried up to their ancestors at ``level`` (sorted by name).
 
-        A class at or above ``level`` keeps its own column; an unknown class raises DataError.
+        Single-label (softmax) probabilities are exclusive events, so a parent gets the **sum**
+        of its descendants' and every level is again a distribution. Multi-label (sigmoid)
+        probabilities are separate yes/no answers that may each be near 1; summing them can
+        exceed 1. A parent then gets the **noisy-OR** ``1 - prod(1 - p_child)``: the
+        probability that at least one child applies if the children are independent. It stays
+        in [0, 1], is never below its most probable child, and equals the child for a single
+        child. A class at or above ``level`` keeps its own column; an unknown class raises
+        DataError.
         """
         proba = np.asarray(proba, dtype=np.float64)
         if proba.ndim != 2 or proba.shape[1] != len(classes):
@@ -201,7 +208,10 @@ class Taxonomy:
         groups = sorted(set(targets))
         member = np.zeros((len(classes), len(groups)))
         member[np.arange(len(classes)), [groups.index(t) for t in targets]] = 1.0
-        return proba @ member, groups
+        if not multi_label:
+            return proba @ member, groups
+        log_none = np.log1p(-np.clip(proba, 0.0, 1.0 - 1e-12)) @ member
+        return -np.expm1(log_none), groups
 
 
 def _node_name(raw: object) -> str:

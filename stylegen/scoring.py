@@ -9,6 +9,7 @@ parts on the index itself with artist-disjoint folds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,95 @@ from stylegen.store import Index
 from stylegen.train import HEAD_NAMES, artist_groups, labelled_rows, make_heads
 
 PART_CHOICES = ("style", "content", "both")
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "macro_auroc", "macro_auprc")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where per-item numbers for hybrid heads come from: a CSV (or the manifest's own
+    columns when ``path`` is None), which columns, and the key column joining it to images."""
+
+    path: Path | None
+    columns: list[str] | None
+    key: str = "image"
+
+
+@dataclass
+class Outcome:
+    """What ``stylegen evaluate`` prints: JSON, or a text summary with tables."""
+
+    metrics: dict[str, Any]
+    text: str
+
+    def as_json(self) -> Any:
+        return jsonable(self.metrics)
+
+    def summary(self) -> str:
+        return self.text
+
+
+def jsonable(value: Any) -> Any:
+    """Metrics as plain JSON types (numpy scalars and arrays converted)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, pd.DataFrame):
+        return jsonable(value.reset_index().to_dict(orient="records"))
+    return value
+
+
+def run_test(index_dir: str | Path, manifest: str | Path, *, method: str | None = None,
+             table: TableSpec | None = None, report: str | Path | None = None,
+             device: str = "auto") -> Outcome:
+    """``stylegen evaluate --test``: score the trained heads on a held-out manifest."""
+    from stylegen.evaluate import write_report
+
+    engine = Engine.open(index_dir, device=device)
+    tab = None
+    if table is not None:
+        keys = images.list_source(manifest)[table.key].astype(str).tolist()
+        tab = engine.tabular_for(keys, table.path if table.path is not None else manifest, table.columns, table.key)
+    metrics = evaluate_test(engine, manifest, method, tabular=tab)
+    if report is not None:
+        write_report(metrics, report, f"Evaluation of {index_dir} on {manifest}")
+    lines = ["  ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                       for k in SUMMARY_KEYS if k in metrics)]
+    if metrics["n_in_training_excluded"]:
+        lines.append(f"left out {metrics['n_in_training_excluded']} test covers the heads were trained on")
+    lines += [f"  {src}: n={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f}"
+              for src, m in (metrics.get("by_source") or {}).items()]
+    return Outcome(metrics, "\n".join(lines))
+
+
+def run_cv(index_dir: str | Path, n_splits: int, *, heads: Sequence[str] = HEAD_NAMES,
+           parts: Sequence[str] = PART_CHOICES, table: TableSpec | None = None,
+           report: str | Path | None = None) -> Outcome:
+    """``stylegen evaluate --cv N``: compare heads and feature parts with artist-disjoint folds."""
+    from stylegen.evaluate import to_markdown, write_report
+    from stylegen.tabular import load_tabular
+
+    tab = None
+    if table is not None:
+        meta = Index.open(index_dir, use_gpu=False).metadata
+        tab, _ = load_tabular(meta, columns=table.columns, table=table.path, key=table.key)
+    frame, results = cross_validate(index_dir, n_splits, heads=heads, parts=parts, tabular=tab)
+    variants = variant_tables(results) if tab is not None else {}
+    if report is not None:
+        best = "mlp-hybrid" if tab is not None else max(results, key=lambda k: results[k]["accuracy"])
+        write_report(results[best], report, f"Cross-validation ({n_splits} stratified, artist-disjoint folds); "
+                     f"{'headline' if tab is not None else 'best'}: {best}",
+                     extra_tables={**variants, "All heads and feature parts": frame})
+        if tab is not None:
+            plot_variant_confusions(results, report)
+    keys = (*SUMMARY_KEYS[:5], "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std")
+    metrics = {k: {m: v[m] for m in keys if m in v} for k, v in results.items()}
+    text = "\n\n".join([to_markdown(frame), *(f"{name}\n\n{to_markdown(t)}" for name, t in list(variants.items())[:2])])
+    return Outcome(metrics, text)
 
 
 def evaluate_test(
@@ -40,24 +130,29 @@ def evaluate_test(
     method: str | None = None,
     tabular: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``method`` on the labelled images of a test manifest (CSV or folder)."""
+    """Metrics of ``method`` on the labelled images of a test manifest (CSV or folder).
+
+    Every image goes through :meth:`Engine.query_many`, the path ``classify`` takes. Covers
+    the heads were trained on (found by content hash) are left out and counted, so a score
+    is never computed on fitted data.
+    """
     items = images.list_source(manifest)
-    vectors, good, bad = engine.embed_paths(items["path"].tolist())
-    items = items.iloc[good].reset_index(drop=True)
-    tab = tabular[good] if tabular is not None else None
-    hashes = [images.hash_file(p)[0] for p in items["path"]]
-    trained = set(engine.index.metadata["content_hash"].to_numpy()[engine.head_config["train_rows"]])
-    fresh = np.array([h not in trained for h in hashes], dtype=bool)
-    result: dict[str, Any] = {"n_images": len(items) + len(bad), "n_unreadable": len(bad),
-                              "n_in_training_excluded": int((~fresh).sum()), "bad": bad}
-    items, vectors = items[fresh].reset_index(drop=True), vectors[fresh]
-    tab = tab[fresh] if tab is not None else None
-    if not len(items):
+    results, bad = engine.query_many(items["path"].tolist(), method=method, tabular=tabular,
+                                     labels=[str(i) for i in range(len(items))], top=1)
+    trained = set(engine.head_config["train_rows"])
+    fresh = [r for r in results if r.row is None or r.row not in trained]
+    out: dict[str, Any] = {"n_images": len(items), "n_unreadable": len(bad),
+                           "n_in_training_excluded": len(results) - len(fresh), "bad": bad,
+                           "method": results[0].method if results else None}
+    if not fresh:
         raise DataError("no test image is left: all are unreadable or were used to train the heads")
-    proba, classes = engine.predict_proba(vectors, method, tabular=tab)
+    bad = [{**b, "image": items["image"].iloc[int(b["image"])]} for b in bad]
+    out["bad"] = bad
+    items = items.iloc[[int(r.label) for r in fresh]].reset_index(drop=True)
+    proba, classes = np.stack([r.proba for r in fresh]), fresh[0].classes
     if engine.head_config["labels"] == "multi":
-        result.update(multi_label_metrics(multi_labels(items), proba, classes))
-        return result
+        out.update(multi_label_metrics(multi_labels(items), proba, classes))
+        return out
     y = single_labels(items)
     lab = y.notna().to_numpy()
     if not lab.any():
@@ -69,8 +164,8 @@ def evaluate_test(
     multi = multi_labels(items)
     if any(len(g) > 1 for g in multi):
         metrics["multi_label"] = multi_label_metrics(multi, proba, classes)
-    result.update(metrics)
-    return result
+    out.update(metrics)
+    return out
 
 
 def cross_validate(

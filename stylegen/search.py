@@ -62,3 +62,12 @@ def contact_sheet(query: Image.Image, title: str, neighbours: Sequence[dict[str,
             f"<figure class='q'><img src='{thumbnail_data_uri(query, 240)}' alt='query'>"
             f"<figcaption>query · matched by {html.escape(by)}</figcaption></figure>"
             f"<h2>{len(neighbours)} nearest covers</h2><div class='grid'>{''.join(cards)}</div></body></html>")
+
+
+def write_contact_sheet(out: Path, engine: Any, query: Path, result: Any, by: str) -> Path:
+    """Write the contact sheet of ``result`` (a :class:`~stylegen.engine.QueryResult`)."""
+    paths = [engine.cover_path(n["id"]) for n in result.neighbours]
+    page = contact_sheet(Image.open(query), query.name, result.neighbours, paths, by)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,13 +1,15 @@
 """HTTP service: genre of a cover, similar covers, thumbnails and the web page.
 
-``create_app(engine)`` builds a FastAPI app around an :class:`Engine` (the real one opens a
-FAISS index and genre heads; tests pass a fake). Nothing lives at module level: every app owns
-its engine, its limits, its static files and its lock.
+``create_app(engine)`` builds a FastAPI app around an :class:`~stylegen.engine.Engine`: every
+query endpoint is a thin adapter over ``Engine.query`` (the path the CLI and ``evaluate`` take),
+so an upload gets exactly the answer ``stylegen classify`` gives for the same file, a cover of
+the index included (found by content hash, its own vote left out). Nothing lives at module
+level: every app owns its engine, its limits, its static files and its lock.
 
-Thread safety: FastAPI runs the (synchronous) endpoints in its thread pool, so requests are
-handled concurrently. Uploads are read and decoded in parallel, but every call into the engine
-goes through one ``threading.Lock`` owned by the app, because model inference (torch, faiss) is
-not guaranteed to be re-entrant. One engine call runs at a time per app.
+Thread safety and memory: FastAPI runs the (synchronous) endpoints in its thread pool. An
+upload's bytes are read (at most ``max_upload_bytes``) outside the lock; decoding, embedding
+and search all happen inside ``Engine.query`` under one ``threading.Lock`` owned by the app,
+so at most one image is decoded at a time (a decoded image at the pixel limit is ~120 MB).
 
 Bad input is answered with a 4xx and ``{"error": "one-line message"}``; the server keeps serving.
 """
@@ -23,24 +25,24 @@ from collections.abc import Callable
 from importlib import resources
 from typing import IO, Annotated, Any, Literal, Protocol, TypeVar
 
-import PIL.Image
-from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stylegen.errors import (
     BadImageError,
+    ImageTooLargeError,
     IndexMismatchError,
     IndexNotFoundError,
     ModelNotFoundError,
     StylegenError,
+    UnknownCoverError,
 )
+from stylegen.images import DEFAULT_MAX_PIXELS, open_image, pixel_limit
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000
 THUMBNAIL_SIDE = 256
 # Room for multipart boundaries, part headers and the small form fields around the image.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -54,26 +56,15 @@ T = TypeVar("T")
 
 
 class Engine(Protocol):
-    """What the service needs from an index + heads (see ``stylegen.engine``)."""
+    """What the service needs from an index + heads (see ``stylegen.engine.Engine``)."""
 
-    def classify(self, image: PIL.Image.Image, top: int = 3) -> dict:
-        """``{"genres": [{"genre", "probability", "path"}, ...], "levels": {level: [...]}}``."""
-        ...
-
-    def classify_id(self, cover_id: int, top: int = 3) -> dict:
-        """Like :meth:`classify` for a cover in the index; ``KeyError`` for an unknown id."""
-        ...
-
-    def similar(self, image: PIL.Image.Image, k: int = 12, by: str = "both") -> list[dict]:
-        """``[{"id", "similarity", "genres", "artist", "album", "is_query"}, ...]``."""
-        ...
-
-    def similar_id(self, cover_id: int, k: int = 12, by: str = "both") -> list[dict]:
-        """Like :meth:`similar` for a cover in the index; ``KeyError`` for an unknown id."""
+    def query(self, item: Any, *, top: int = 3, method: str | None = None, k: int = 0,
+              by: str = "both", classify: bool = True, label: str | None = None) -> Any:
+        """A ``QueryResult``: ``genres``, ``levels``, ``neighbours``, ``row``, ``size``."""
         ...
 
     def cover_path(self, cover_id: int) -> pathlib.Path:
-        """The image file of a cover; ``KeyError`` for an unknown id."""
+        """The image file of a cover; ``UnknownCoverError`` for an unknown id."""
         ...
 
     def info(self) -> dict:
@@ -82,24 +73,6 @@ class Engine(Protocol):
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class UnsupportedImageError(BadImageError):
-    """The upload is not an image format that can be read."""
-
-    http_status = 415
-
-
-class ImageTooLargeError(BadImageError):
-    """The upload has too many bytes or too many pixels."""
-
-    http_status = 413
-
-
-class UnknownCoverError(StylegenError):
-    """No cover with this id in the index."""
-
-    http_status = 404
 
 
 class RequestError(StylegenError):
@@ -138,65 +111,13 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def pixel_limit(max_pixels: int) -> int:
-    """The effective pixel limit: ours, or PIL's bomb-warning threshold if that is lower."""
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    return min(max_pixels, pil_limit) if pil_limit else max_pixels
-
-
-def open_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an uploaded image to RGB, refusing non-images, corrupt files and pixel bombs.
-
-    The size in the header is checked *before* decoding. Images that PIL would only warn
-    about (``DecompressionBombWarning``) are above :func:`pixel_limit` and so refused here as
-    well, without touching the process-wide warning filters (not thread-safe).
-    """
-    if not data:
-        raise BadImageError("the upload is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image has too many pixels ({one_line(exc)})") from None
-    except Image.UnidentifiedImageError:
-        raise UnsupportedImageError("not an image (or an unsupported image format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"image cannot be read: {one_line(exc)}") from None
-    return _decode(image, max_pixels)
-
-
-def _decode(image: Image.Image, max_pixels: int, max_side: int | None = None) -> Image.Image:
-    width, height = image.size
-    limit = pixel_limit(max_pixels)
-    if width * height > limit:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height:,} pixels; the limit is {limit:,}"
-        )
-    try:
-        if max_side is not None:
-            image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
-        image.load()
-        rgb = image.convert("RGB")
-        if max_side is not None:
-            rgb.thumbnail((max_side, max_side))
-        return rgb
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image has too many pixels ({one_line(exc)})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"image is corrupt or truncated: {one_line(exc)}") from None
-
-
-def thumbnail_jpeg(
-    path: pathlib.Path, max_side: int = THUMBNAIL_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> bytes:
+def thumbnail_jpeg(path: pathlib.Path, max_side: int = THUMBNAIL_SIDE) -> bytes:
     """A JPEG of the image at ``path`` with its longer side at most ``max_side``."""
     try:
-        image = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{path.name}: {one_line(exc)}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"{path.name}: {one_line(exc)}") from None
-    with image:
-        small = _decode(image, max_pixels, max_side=max_side)
+        small = open_image(path, draft_size=max_side)
+    except BadImageError as exc:
+        raise type(exc)(f"{path.name}: {exc}") from None
+    small.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=85, optimize=True)
     return buffer.getvalue()
@@ -235,11 +156,6 @@ def thumbnail_url(cover_id: int) -> str:
 def with_thumbnails(neighbours: list[dict]) -> list[dict]:
     """Each neighbour with ``"thumbnail": "/covers/{id}"`` added."""
     return [{**n, "thumbnail": thumbnail_url(n["id"])} for n in neighbours]
-
-
-def first_given(*values: T | None, default: T) -> T:
-    """The first value that is not None (form before query), else ``default``."""
-    return next((v for v in values if v is not None), default)
 
 
 def error_response(status: int, message: object) -> JSONResponse:
@@ -304,25 +220,53 @@ async def _refuse_body() -> Message:
     raise StarletteHTTPException(413)
 
 
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "malformed request (both an image and an id)", 404: "unknown cover id",
+            413: "upload or image too large", 415: "not an image", 422: "invalid or missing field",
+            500: "server misconfigured (index or heads missing)"}
+    return {c: {"description": text[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for c in codes}
+
+
+def _query_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI request body: multipart form with exactly one of ``image`` or ``id``."""
+    properties = {
+        "image": {"type": "string", "format": "binary", "description": "a cover image (JPEG, PNG, WebP...)"},
+        "id": {"type": "integer", "minimum": 0, "description": "a cover id in the index"},
+        **fields,
+    }
+    schema = {"type": "object", "properties": properties,
+              "oneOf": [{"required": ["image"], "not": {"required": ["id"]}},
+                        {"required": ["id"], "not": {"required": ["image"]}}]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+TOP_FIELD = {"top": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3}}
+METHOD_FIELD = {"method": {"type": "string", "enum": ["head", "knn", "ensemble"],
+                           "description": "default: the index's validated best"}}
+SIMILAR_FIELDS = {"k": {"type": "integer", "minimum": 1, "maximum": 200, "default": 12},
+                  "by": {"type": "string", "enum": ["style", "content", "both"], "default": "both"}}
+
 IdForm = Annotated[int | None, Form(alias="id", ge=0, description="cover id in the index")]
-IdQuery = Annotated[int | None, Query(alias="id", ge=0, description="cover id in the index")]
-ByForm = Annotated[By | None, Form(alias="by", description="style, content or both")]
-ByQuery = Annotated[By | None, Query(alias="by", description="style, content or both")]
 ImageFile = Annotated[UploadFile | None, File(description="a cover image (JPEG, PNG, WebP...)")]
+Method = Literal["head", "knn", "ensemble"]
 
 
 def create_app(
     engine: Engine,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FastAPI:
     """The stylegen HTTP app around ``engine``.
 
     Uploads are limited to ``max_upload_bytes`` (the request body is cut off while it is
-    received, and at most ``max_upload_bytes + 1`` bytes of the file are read) and to
-    ``max_pixels`` pixels (checked from the header before decoding). Engine calls are
-    serialised by a lock owned by this app (see the module docstring).
+    received, and at most ``max_upload_bytes + 1`` bytes of the file are read) and to the
+    pixel limit of :mod:`stylegen.images` (checked from the header before decoding, the
+    same limit as for the collection). Engine calls are serialised by a lock owned by this
+    app (see the module docstring).
     """
     app = FastAPI(
         title="stylegen",
@@ -338,34 +282,29 @@ def create_app(
         with lock:
             return fn(*args, **kwargs)
 
-    def by_id(fn: Callable[..., T], cover_id: int, *args: Any) -> T:
-        try:
-            return locked(fn, cover_id, *args)
-        except KeyError:
-            raise UnknownCoverError(f"unknown cover id {cover_id}") from None
-
-    def read_query(image: UploadFile | None, cover_id: int | None) -> tuple[dict, Any]:
-        """``(query description, PIL image or cover id)`` from the request."""
+    def run_query(image: UploadFile | None, cover_id: int | None, **options: Any) -> tuple[dict, Any]:
+        """(query description, QueryResult) for an upload or a cover id, via ``Engine.query``."""
         if image is not None and cover_id is not None:
             raise RequestError("give either an image or an id, not both", 400)
         if cover_id is not None:
-            return {"kind": "id", "id": cover_id, "thumbnail": thumbnail_url(cover_id)}, cover_id
+            result = locked(engine.query, cover_id, **options)
+            return {"kind": "id", "id": cover_id, "thumbnail": thumbnail_url(cover_id)}, result
         if image is None:
             raise RequestError("give an image upload (field 'image') or a cover id ('id')", 422)
         data = read_limited(image.file, max_upload_bytes)
-        decoded = open_image_bytes(data, max_pixels)
-        query = {
-            "kind": "upload",
-            "filename": image.filename or "",
-            "bytes": len(data),
-            "width": decoded.width,
-            "height": decoded.height,
-        }
-        return query, decoded
+        if not data:
+            raise BadImageError("the upload is empty")
+        result = locked(engine.query, data, label=image.filename or "upload", **options)
+        width, height = result.size or (None, None)
+        query = {"kind": "upload", "filename": image.filename or "", "bytes": len(data),
+                 "width": width, "height": height, "in_index": result.row is not None}
+        if result.row is not None:
+            query["id"] = result.row
+        return query, result
 
     @functools.lru_cache(maxsize=512)
     def thumbnail(path: str) -> bytes:
-        return thumbnail_jpeg(pathlib.Path(path), THUMBNAIL_SIDE, max_pixels)
+        return thumbnail_jpeg(pathlib.Path(path), THUMBNAIL_SIDE)
 
     @app.exception_handler(StylegenError)
     async def _stylegen_error(request: Request, exc: StylegenError) -> JSONResponse:
@@ -383,67 +322,57 @@ def create_app(
             message = f"not found: {request.url.path}"
         else:
             message = exc.detail
-        return error_response(exc.status_code, message)
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
-    @app.post("/classify", summary="Genre of a cover")
+    @app.post("/classify", summary="Genre of a cover",
+              openapi_extra=_query_body({**TOP_FIELD, **METHOD_FIELD}),
+              responses=_error_responses(400, 404, 413, 415, 422, 500))
     def classify(
         image: ImageFile = None,
-        id_form: IdForm = None,
-        id_query: IdQuery = None,
-        top_form: Annotated[int | None, Form(alias="top", ge=1, le=100)] = None,
-        top_query: Annotated[int | None, Query(alias="top", ge=1, le=100)] = None,
+        cover_id: IdForm = None,
+        top: Annotated[int, Form(ge=1, le=100)] = 3,
+        method: Annotated[Method | None, Form()] = None,
     ) -> dict:
         """Upload a cover as ``image`` or name one in the index with ``id``; ``top`` genres.
 
-        Answers ``{"query": {...}, "genres": [{"genre", "probability", "path"}, ...],
-        "levels": {level: [{"genre", "probability"}, ...]}}``.
+        Answers ``{"query": {...}, "method": ..., "genres": [{"genre", "probability", "path"},
+        ...], "levels": {level: [{"genre", "probability"}, ...]}}``. A cover of the index
+        (uploaded or by id) is answered from its stored vector, its own vote left out.
         """
-        top = first_given(top_form, top_query, default=3)
-        query, target = read_query(image, first_given(id_form, id_query, default=None))
-        if query["kind"] == "id":
-            result = by_id(engine.classify_id, target, top)
-        else:
-            result = locked(engine.classify, target, top)
-        return {
-            "query": query,
-            "genres": to_plain(result.get("genres", [])),
-            "levels": to_plain(result.get("levels") or {}),
-        }
+        query, result = run_query(image, cover_id, top=top, method=method)
+        return {"query": query, "method": result.method, "genres": to_plain(result.genres),
+                "levels": to_plain(result.levels)}
 
-    @app.post("/similar", summary="Covers that look alike")
+    @app.post("/similar", summary="Covers that look alike",
+              openapi_extra=_query_body(SIMILAR_FIELDS),
+              responses=_error_responses(400, 404, 413, 415, 422, 500))
     def similar(
         image: ImageFile = None,
-        id_form: IdForm = None,
-        id_query: IdQuery = None,
-        k_form: Annotated[int | None, Form(alias="k", ge=1, le=200)] = None,
-        k_query: Annotated[int | None, Query(alias="k", ge=1, le=200)] = None,
-        by_form: ByForm = None,
-        by_query: ByQuery = None,
+        cover_id: IdForm = None,
+        k: Annotated[int, Form(ge=1, le=200)] = 12,
+        by: Annotated[By, Form()] = "both",
     ) -> dict:
         """Upload a cover as ``image`` or name one with ``id``; ``k`` neighbours ``by`` style,
         content or both.
 
         Answers ``{"query": {...}, "k": 12, "by": "both", "neighbours": [{"id", "similarity",
-        "genres", "artist", "album", "is_query", "thumbnail"}, ...]}``.
+        "genres", "artist", "album", "is_query", "thumbnail"}, ...]}``; ``is_query`` marks the
+        query itself when it is a cover of the index (by content hash).
         """
-        k = first_given(k_form, k_query, default=12)
-        by = first_given(by_form, by_query, default="both")
-        query, target = read_query(image, first_given(id_form, id_query, default=None))
-        if query["kind"] == "id":
-            found = by_id(engine.similar_id, target, k, by)
-        else:
-            found = locked(engine.similar, target, k, by)
-        return {"query": query, "k": k, "by": by, "neighbours": with_thumbnails(to_plain(found))}
+        query, result = run_query(image, cover_id, k=k, by=by, classify=False)
+        return {"query": query, "k": k, "by": by, "neighbours": with_thumbnails(to_plain(result.neighbours))}
 
     @app.get(
         "/covers/{cover_id}",
         summary="Thumbnail of a cover in the index",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id"}},
+        responses={200: {"content": {"image/jpeg": {}}}, **_error_responses(404, 422)},
     )
     def cover(cover_id: Annotated[int, Path(ge=0)]) -> Response:
         """A JPEG, longer side at most 256 pixels."""
-        path = pathlib.Path(by_id(engine.cover_path, cover_id))
+        path = pathlib.Path(locked(engine.cover_path, cover_id))
         if not path.is_file():
             raise UnknownCoverError(f"cover {cover_id} has no image file")
         return Response(
@@ -456,7 +385,7 @@ def create_app(
     def info() -> dict:
         """``engine.info()`` plus the service's upload limits."""
         details = to_plain(locked(engine.info))
-        limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
+        limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": pixel_limit(DEFAULT_MAX_PIXELS)}
         return {**details, "limits": limits}
 
     @app.get("/healthz", summary="Liveness")
@@ -493,7 +422,7 @@ def serve(
 ) -> None:
     """Run the app with uvicorn (loopback only unless ``host`` says otherwise).
 
-    ``limits`` are passed to :func:`create_app` (``max_upload_bytes``, ``max_pixels``).
+    ``limits`` are passed to :func:`create_app` (``max_upload_bytes``).
     """
     import uvicorn
 

@@ -10,6 +10,9 @@ the index's ``feature_id``: heads are refused once the index's vectors change.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,13 @@ import pandas as pd
 from sklearn.base import clone
 from sklearn.model_selection import GroupShuffleSplit
 
-from stylegen.errors import DataError, StylegenError
+from stylegen.errors import DataError, ModelNotFoundError, StylegenError
 from stylegen.heads import EnsembleHead, KNNHead, LinearHead, MLPHead, save_head
 from stylegen.labels import Taxonomy, multi_labels, single_labels
 from stylegen.store import Index, atomic_write_text
 
 HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")
+HEADS_DIR = "heads"
 
 
 def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str, Any]:
@@ -140,9 +144,8 @@ def train(
         extra = {"tabular": np.asarray(tabular, np.float32)[rows]}
     factory = make_heads(labels == "multi", seed, "hybrid" if extra else "image")
     tax = Taxonomy.load(taxonomy) if taxonomy else Taxonomy.default()
-    out_dir = index.root / "heads"
-    out_dir.mkdir(exist_ok=True)
     scores: dict[str, float] = {}
+    fitted_heads = {}
     for name in heads:
         head = factory[name]
         kw = extra if name == "mlp" else {}
@@ -155,7 +158,7 @@ def train(
             except (StylegenError, ValueError):  # too few covers for a held-out split
                 scores[name] = None
         fitted = clone(head).fit(X, y, **kw, **fit_groups)
-        save_head(fitted, out_dir / f"{name}.joblib", feature_id=index.feature_id)
+        fitted_heads[name] = fitted
         classes = [str(c) for c in fitted.classes_]
     trainable = [h for h in ("linear", "mlp") if h in heads]
     default_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
@@ -173,5 +176,49 @@ def train(
         "tabular_columns": list(tabular_columns) if tabular_columns is not None else None,
         "seed": seed,
     }
-    atomic_write_text(out_dir / "heads.json", json.dumps(config, indent=1))
+    write_head_set(index.root, fitted_heads, config, index.feature_id)
     return config
+
+
+def write_head_set(root: Path, heads: dict[str, Any], config: dict[str, Any], feature_id: str) -> Path:
+    """Write the heads and ``heads.json`` as one set, all or nothing.
+
+    The set goes to a temporary folder under ``DIR/heads``, is renamed to ``set-NNNNNN`` and
+    only then named in ``DIR/heads/CURRENT`` (an atomic replace); older sets are removed
+    afterwards. A run that dies part-way leaves the previous heads in use, unchanged.
+    """
+    base = Path(root) / HEADS_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    for stale in base.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    sets = sorted(p.name for p in base.glob("set-[0-9]*") if p.is_dir())
+    name = f"set-{int(sets[-1][4:]) + 1 if sets else 1:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
+    try:
+        for head_name, head in heads.items():
+            save_head(head, tmp / f"{head_name}.joblib", feature_id=feature_id)
+        (tmp / "heads.json").write_text(json.dumps(config, indent=1))
+        os.rename(tmp, base / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(base / "CURRENT", name + "\n")
+    for old in [*base.glob("set-[0-9]*"), *base.glob("*.joblib"), *base.glob("*.joblib.json"), base / "heads.json"]:
+        if old.name != name and old.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return base / name
+
+
+def read_head_set(root: str | Path) -> dict[str, Any]:
+    """``heads.json`` of the live head set, with ``"dir"``: the folder holding its files."""
+    base = Path(root) / HEADS_DIR
+    current = base / "CURRENT"
+    folder = base / current.read_text().strip() if current.is_file() else base  # before sets: flat
+    path = folder / "heads.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"no trained heads in {root} (run `stylegen train --index {root}`)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    return {**config, "dir": str(folder)}

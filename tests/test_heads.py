@@ -173,11 +173,13 @@ def test_knn_with_fewer_vectors_than_k():
 def test_ensemble_blends_its_fitted_heads(data):
     (X, y), (X_test, _) = data
     head = EnsembleHead(LinearHead(), KNNHead(), weights=[0.0, 0.3, 1.0]).fit(X, y)
-    assert head.weight_ in (0.0, 0.3, 1.0)
     assert head.val_losses_[[0.0, 0.3, 1.0].index(head.weight_)] == head.val_losses_.min()
-    blended = (head.weight_ * head.head_.predict_proba(X_test)
-               + (1 - head.weight_) * head.knn_.predict_proba(X_test))
-    np.testing.assert_allclose(head.predict_proba(X_test), blended)
+    # the weight is the parametric head's share: 1.0 answers like the linear head, 0.0 like kNN
+    only_head = EnsembleHead(LinearHead(), KNNHead(), weights=[1.0]).fit(X, y)
+    only_knn = EnsembleHead(LinearHead(), KNNHead(), weights=[0.0]).fit(X, y)
+    np.testing.assert_allclose(only_head.predict_proba(X_test), LinearHead().fit(X, y).predict_proba(X_test))
+    np.testing.assert_allclose(only_knn.predict_proba(X_test), KNNHead().fit(X, y).predict_proba(X_test))
+    assert not np.allclose(only_head.predict_proba(X_test), only_knn.predict_proba(X_test))
     with pytest.raises(DataError, match="multi_label"):
         EnsembleHead(LinearHead(), KNNHead(multi_label=True)).fit(X, y)
 

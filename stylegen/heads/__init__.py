@@ -1,21 +1,42 @@
-"""Classification heads over cover feature vectors, all following scikit-learn's contract."""
+"""Classification heads over cover feature vectors, all following scikit-learn's contract.
 
-from stylegen.heads.ensemble import EnsembleHead
-from stylegen.heads.hierarchical import HierarchicalHead
-from stylegen.heads.io import load_head, read_head_info, save_head
-from stylegen.heads.knn import KNNHead, vote, vote_multi
-from stylegen.heads.linear import LinearHead
-from stylegen.heads.mlp import MLPHead
+Every head also shares one calling contract, so callers never special-case a head by name::
 
-__all__ = [
-    "EnsembleHead",
-    "HierarchicalHead",
-    "KNNHead",
-    "LinearHead",
-    "MLPHead",
-    "load_head",
-    "read_head_info",
-    "save_head",
-    "vote",
-    "vote_multi",
-]
+    head.fit(X, y, **fit_params)                 # returns self; classes_ in column order
+    head.predict_proba(X, exclude=None, tabular=None)
+
+* ``exclude[i]`` is the position, among the rows the head was fitted on, of query ``i``
+  when the query *is* one of them (else -1). Neighbour-based heads leave that row out of
+  the query's own vote (scikit-learn's ``kneighbors(X=None)`` idea); parametric heads have
+  no votes to leave out and ignore it.
+* ``tabular`` holds per-item numeric features (rows aligned with ``X``) for hybrid heads;
+  heads that do not read a table ignore it.
+
+Names are imported lazily: loading a linear or kNN head never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "EnsembleHead": "ensemble",
+    "HierarchicalHead": "hierarchical",
+    "load_head": "io",
+    "read_head_info": "io",
+    "save_head": "io",
+    "KNNHead": "knn",
+    "vote": "knn",
+    "vote_multi": "knn",
+    "LinearHead": "linear",
+    "MLPHead": "mlp",
+}
+
+__all__ = list(_WHERE)  # noqa: PLE0605
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stylegen.heads' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stylegen.heads.{_WHERE[name]}"), name)

@@ -73,17 +73,19 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
-        """Blended probabilities; ``exclude`` is passed to the kNN head (leave-one-out)."""
+    def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                      tabular: np.ndarray | None = None) -> np.ndarray:
+        """Blended probabilities; both parts get the same arguments (the head contract)."""
         check_is_fitted(self)
-        p_head = align_columns(self.head_.predict_proba(X), self.head_.classes_, self.classes_)
-        p_knn = self.knn_.predict_proba(X) if exclude is None else self.knn_.predict_proba(
-            X, exclude=exclude)
-        p_knn = align_columns(p_knn, self.knn_.classes_, self.classes_)
+        p_head = align_columns(self.head_.predict_proba(X, exclude=exclude, tabular=tabular),
+                               self.head_.classes_, self.classes_)
+        p_knn = align_columns(self.knn_.predict_proba(X, exclude=exclude, tabular=tabular),
+                              self.knn_.classes_, self.classes_)
         return self.weight_ * p_head + (1 - self.weight_) * p_knn
 
-    def predict(self, X: np.ndarray, exclude: np.ndarray | None = None) -> Any:
-        return decode_predictions(self.predict_proba(X, exclude), self.classes_, self.multi_label_)
+    def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                tabular: np.ndarray | None = None) -> Any:
+        return decode_predictions(self.predict_proba(X, exclude, tabular), self.classes_, self.multi_label_)
 
 
 def _take(y: list[Any], rows: np.ndarray) -> Any:

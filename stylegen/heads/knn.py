@@ -121,7 +121,9 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         dropped = np.take_along_axis(drop, order, 1)
         return np.where(dropped, -np.inf, sims), np.where(dropped, -1, ids)
 
-    def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                      tabular: np.ndarray | None = None) -> np.ndarray:
+        """Vote of the neighbours, leaving fitted row ``exclude[i]`` out of query ``i``'s vote."""
         sims, ids = self.kneighbors(X, exclude)
         valid = ids >= 0
         if self.multi_label:
@@ -130,7 +132,8 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         labels = np.where(valid, self.targets_[np.maximum(ids, 0)], -1)
         return vote(sims, labels, len(self.classes_), self.temperature)
 
-    def predict(self, X: np.ndarray, exclude: np.ndarray | None = None) -> Any:
+    def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                tabular: np.ndarray | None = None) -> Any:
         return decode_predictions(self.predict_proba(X, exclude), self.classes_, self.multi_label)
 
     # faiss indexes are SWIG objects: pickle (joblib, deepcopy) them as serialised bytes.

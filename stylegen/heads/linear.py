@@ -76,9 +76,13 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             return np.array([est.C_ for est in model.estimators_])
         return model.C_
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                      tabular: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities; ``exclude`` and ``tabular`` are part of the heads' shared calling
+        contract (see :mod:`stylegen.heads`) and do not change a linear model's answer."""
         check_is_fitted(self)
         return self.model_.predict_proba(check_array(X, dtype=np.float32))
 
-    def predict(self, X: np.ndarray) -> np.ndarray | list[list[str]]:
+    def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
+                tabular: np.ndarray | None = None) -> np.ndarray | list[list[str]]:
         return decode_predictions(self.predict_proba(X), self.classes_, self.multi_label)

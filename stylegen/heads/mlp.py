@@ -202,7 +202,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             net.load_state_dict(best_state)
         return history
 
-    def predict_proba(self, X: Any, tabular: Any = None) -> np.ndarray:
+    def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
+        """Class probabilities; ``exclude`` (shared head contract) has no effect on an MLP."""
         check_is_fitted(self)
         image, table = self._inputs(X, tabular, fitting=False)
         probas = []
@@ -214,8 +215,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             probas.append(torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1))
         return torch.stack(probas).mean(0).numpy()
 
-    def predict(self, X: Any, tabular: Any = None) -> Any:
-        return decode_predictions(self.predict_proba(X, tabular), self.classes_, self.multi_label)
+    def predict(self, X: Any, exclude: Any = None, tabular: Any = None) -> Any:
+        return decode_predictions(self.predict_proba(X, tabular=tabular), self.classes_, self.multi_label)
 
 
 @contextmanager
