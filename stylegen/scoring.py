@@ -138,7 +138,7 @@ def evaluate_test(
     """
     items = images.list_source(manifest)
     results, bad = engine.query_many(items["path"].tolist(), method=method, tabular=tabular,
-                                     labels=[str(i) for i in range(len(items))], top=1)
+                                     labels=[str(i) for i in range(len(items))], top=3)
     trained = set(engine.head_config["train_rows"])
     fresh = [r for r in results if r.row is None or r.row not in trained]
     out: dict[str, Any] = {"n_images": len(items), "n_unreadable": len(bad),
@@ -149,6 +149,7 @@ def evaluate_test(
     bad = [{**b, "image": items["image"].iloc[int(b["image"])]} for b in bad]
     out["bad"] = bad
     items = items.iloc[[int(r.label) for r in fresh]].reset_index(drop=True)
+    out["predictions"] = [{"image": img, "genres": r.genres} for img, r in zip(items["image"], fresh, strict=True)]
     proba, classes = np.stack([r.proba for r in fresh]), fresh[0].classes
     if engine.head_config["labels"] == "multi":
         out.update(multi_label_metrics(multi_labels(items), proba, classes))
