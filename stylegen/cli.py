@@ -185,6 +185,19 @@ def _columns(value: str | None) -> list[str] | None:
     return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
+def _split(value: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _names(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    names = _split(value)
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise StylegenError(f"{option} takes a comma-separated subset of {', '.join(allowed)}; got {value!r}")
+    return names
+
+
 def _report_skipped(bad: list[dict[str, str]], done: int) -> None:
     """One stderr line per unreadable image; when none could be read, that line is the error."""
     if bad and not done:

@@ -12,8 +12,8 @@ from threadpoolctl import threadpool_limits
 
 import stylegen
 from stylegen.engine import Engine
-from stylegen.train import default_method, read_head_set, train
 from stylegen.heads import KNNHead
+from stylegen.train import default_method, read_head_set, train
 from tests.conftest import embed_tiny, make_image, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
@@ -156,7 +156,7 @@ def test_knn_vote_of_an_indexed_cover_leaves_it_out(trained):
     knn = engine.head("knn")
     result = engine.query(0, method="knn")
     # the vote of the 23 other fitted covers, computed from the head's own neighbour list
-    sims, ids = knn.kneighbors(result.vector[None], exclude=np.array([-1]))
+    _, ids = knn.kneighbors(result.vector[None], exclude=np.array([-1]))
     keep = ids[0] != 0
     others = KNNHead(k=knn.k, temperature=knn.temperature).fit(
         np.asarray(engine.index.vectors)[1:24], np.asarray(knn.classes_)[knn.targets_[1:]])

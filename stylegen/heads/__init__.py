@@ -33,7 +33,7 @@ _WHERE = {
     "MLPHead": "mlp",
 }
 
-__all__ = list(_WHERE)  # noqa: PLE0605
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
