@@ -141,7 +141,7 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None,
     except FileNotFoundError:
         raise BadImageError("file not found") from None
     except UnidentifiedImageError:
-        raise UnsupportedImageError("not a readable image (UnidentifiedImageError)") from None
+        raise UnsupportedImageError("not a readable image (not an image file, or an unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image too large ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
