@@ -304,14 +304,55 @@ def test_openapi_declares_bodies_and_errors(client: TestClient) -> None:
         schema = body["content"]["multipart/form-data"]["schema"]
         assert set(schema["properties"]) == {"image", "id"} | extra
         assert schema["properties"]["image"]["format"] == "binary"
-        # exactly one of image / id: each branch requires one and forbids the other
+        # exactly one of image / id (oneOf: a body must match exactly one branch)
         branches = schema["oneOf"]
-        assert {b["required"][0]: b["not"]["required"] for b in branches} == {"image": ["id"], "id": ["image"]}
-        assert all(len(b["required"]) == 1 for b in branches)
+        assert all(set(b) == {"required"} for b in branches)  # only presence decides
+
+        def matched(*fields: str) -> int:
+            return sum(all(r in fields for r in b["required"]) for b in branches)
+
+        assert matched("image") == matched("id") == matched("image", "top") == 1
+        assert matched() == matched("top") == 0 and matched("image", "id") == 2
+        encoding = body["content"]["multipart/form-data"]["encoding"]
+        assert set(encoding) == {"image"}
+        assert {"image/jpeg", "image/png", "image/webp"} <= {t.strip() for t in encoding["image"]["contentType"].split(",")}
         assert {"200", "413", "415", "422"} <= set(operation["responses"])
         for code in ("413", "415", "422"):
             error = operation["responses"][code]["content"]["application/json"]["schema"]
             assert error["required"] == ["error"]
+
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "st0a1b2c3d4e5f") -> tuple[bytes, dict]:
+    """A multipart body whose parts carry no filename (RFC 7578 makes it optional)."""
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                    + value + b"\r\n" for name, value in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_image_part_without_filename_is_read_like_a_file(client: TestClient) -> None:
+    data = new_cover(5, "electronic")
+    body, headers = multipart([("image", data), ("top", b"4")])
+    as_text = client.post("/classify", content=body, headers=headers)
+    assert as_text.status_code == 200, as_text.text
+    as_file = client.post("/classify", files=upload(data, ""), data={"top": "4"}).json()
+    assert as_text.json()["genres"] == as_file["genres"]
+    assert as_text.json()["query"]["bytes"] == len(data)
+    body, headers = multipart([("image", "no cover, but UTF-8 text: ü €".encode())])
+    assert "not a readable image" in assert_error(client.post("/similar", content=body, headers=headers), 415)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_text_part_bytes_gives_back_the_image_bytes(fmt: str) -> None:
+    buffer = io.BytesIO()
+    draw_cover(7, "pop", (40, 30)).save(buffer, format=fmt)
+    data = buffer.getvalue()
+    try:  # what Starlette does with a part that has no filename
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    assert service.text_part_bytes(text) == data
+    for plain in ("hello", "ü €"):
+        assert service.text_part_bytes(plain) == plain.encode("utf-8")
 
 
 # --------------------------------------------------------------------------- bad input
