@@ -52,23 +52,29 @@ def list_covers(source: Path, limit: int) -> list[Path]:
 
 
 class FakeEngine:
-    """A stand-in engine for measuring the service alone: cheap, deterministic answers."""
+    """A stand-in engine for measuring the service alone: cheap, deterministic answers.
+
+    Implements what ``stylegen.service.create_app`` needs (``query``, ``cover_path``,
+    ``info``); an upload is opened and shrunk, as a model's preprocessing would.
+    """
 
     GENRES = ("rock", "metal", "jazz", "pop", "electronic", "hip-hop")
 
     def __init__(self, covers: list[Path]) -> None:
         self.covers = covers
 
-    def _check(self, cover_id: int) -> None:
-        if not 0 <= cover_id < len(self.covers):
-            raise KeyError(cover_id)
+    def _row(self, cover_id: int) -> int:
+        from stylegen.errors import UnknownCoverError
 
-    def _genres(self, seed: int, top: int) -> dict:
+        if not 0 <= cover_id < len(self.covers):
+            raise UnknownCoverError(f"unknown cover id {cover_id}")
+        return cover_id
+
+    def _genres(self, seed: int, top: int) -> list[dict]:
         weights = [((seed * 31 + i * 17) % 97) + 1 for i in range(len(self.GENRES))]
         total = sum(weights)
         ranked = sorted(zip(self.GENRES, weights, strict=True), key=lambda gw: -gw[1])[:top]
-        genres = [{"genre": g, "probability": w / total, "path": [g]} for g, w in ranked]
-        return {"genres": genres, "levels": {"genre": genres}}
+        return [{"genre": g, "probability": w / total, "path": [g]} for g, w in ranked]
 
     def _neighbours(self, seed: int, k: int, query: int | None) -> list[dict]:
         n = len(self.covers)
@@ -77,25 +83,28 @@ class FakeEngine:
                  "artist": "", "album": self.covers[i].stem, "is_query": i == query}
                 for r, i in enumerate(ids)]
 
-    def classify(self, image, top: int = 3) -> dict:
-        image.resize((64, 64))  # touch the pixels, as a model would
-        return self._genres(sum(image.size), top)
+    def query(self, item, *, top: int = 3, method: str | None = None, k: int = 0,
+              by: str = "both", classify: bool = True, label: str | None = None):
+        from types import SimpleNamespace
 
-    def classify_id(self, cover_id: int, top: int = 3) -> dict:
-        self._check(cover_id)
-        return self._genres(cover_id, top)
+        from stylegen.images import open_image
 
-    def similar(self, image, k: int = 12, by: str = "both") -> list[dict]:
-        image.resize((64, 64))
-        return self._neighbours(sum(image.size), k, None)
-
-    def similar_id(self, cover_id: int, k: int = 12, by: str = "both") -> list[dict]:
-        self._check(cover_id)
-        return self._neighbours(cover_id, k, cover_id)
+        row, size = None, None
+        if isinstance(item, int):
+            row = self._row(item)
+            seed = row
+        else:
+            image = open_image(item, draft_size=224)
+            image.resize((64, 64))  # touch the pixels, as a model would
+            size = image.size
+            seed = sum(size)
+        return SimpleNamespace(
+            row=row, size=size, method="head" if classify else None,
+            genres=self._genres(seed, top) if classify else [], levels={},
+            neighbours=self._neighbours(seed, k, row) if k else [])
 
     def cover_path(self, cover_id: int) -> Path:
-        self._check(cover_id)
-        return self.covers[cover_id]
+        return self.covers[self._row(cover_id)]
 
     def info(self) -> dict:
         return {"count": len(self.covers), "backbone": "fake", "parts": [],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import mimetypes
 import pathlib
 import threading
@@ -131,6 +132,24 @@ def read_limited(file: IO[bytes], max_bytes: int) -> bytes:
     return data
 
 
+def text_part_bytes(value: str) -> bytes:
+    """The bytes of a multipart part that arrived without a filename (as text).
+
+    Starlette decodes such a part as UTF-8, or as Latin-1 when it is not valid UTF-8. An
+    image is never valid UTF-8 (PNG starts with 0x89, JPEG with 0xFF, GIF and WebP carry
+    binary sizes), so its Latin-1 text encodes back to the exact bytes sent; text that was
+    valid UTF-8 goes back to UTF-8 (and is then refused as not an image).
+    """
+    try:
+        raw = value.encode("latin-1")
+        raw.decode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return raw if value.isascii() else value.encode("utf-8")
+
+
 # --------------------------------------------------------------------------- JSON
 
 
@@ -231,17 +250,44 @@ def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
             for c in codes}
 
 
+IMAGE_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
+
+
 def _query_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """OpenAPI request body: multipart form with exactly one of ``image`` or ``id``."""
+    """OpenAPI request body: multipart form with exactly one of ``image`` or ``id``.
+
+    ``oneOf`` with one ``required`` each says "exactly one": a body with both matches both
+    branches and one with neither matches none. The image part's media types are declared
+    in ``encoding``, so generated requests (schemathesis) send images, not arbitrary bytes.
+    """
     properties = {
         "image": {"type": "string", "format": "binary", "description": "a cover image (JPEG, PNG, WebP...)"},
         "id": {"type": "integer", "minimum": 0, "description": "a cover id in the index"},
         **fields,
     }
     schema = {"type": "object", "properties": properties,
-              "oneOf": [{"required": ["image"], "not": {"required": ["id"]}},
-                        {"required": ["id"], "not": {"required": ["image"]}}]}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+              "oneOf": [{"required": ["image"]}, {"required": ["id"]}]}
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": schema, "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}}}}}
+
+
+def with_query_bodies(schema: dict[str, Any], bodies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The generated OpenAPI ``schema`` with the request body of each ``POST path`` in
+    ``bodies`` replaced by the declared one (FastAPI's own says every field is optional and
+    would be merged with ours), and the component schemas only those bodies used removed."""
+    dropped = set()
+    for path, body in bodies.items():
+        operation = schema["paths"][path]["post"]
+        ref = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {}).get("$ref")
+        if ref:
+            dropped.add(ref.rsplit("/", 1)[-1])
+        operation["requestBody"] = body
+    components = schema.get("components", {}).get("schemas", {})
+    text = json.dumps(schema["paths"])
+    for name in dropped:
+        if f"/{name}\"" not in text:
+            components.pop(name, None)
+    return schema
 
 
 TOP_FIELD = {"top": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3}}
@@ -251,7 +297,8 @@ SIMILAR_FIELDS = {"k": {"type": "integer", "minimum": 1, "maximum": 200, "defaul
                   "by": {"type": "string", "enum": ["style", "content", "both"], "default": "both"}}
 
 IdForm = Annotated[int | None, Form(alias="id", ge=0, description="cover id in the index")]
-ImageFile = Annotated[UploadFile | None, File(description="a cover image (JPEG, PNG, WebP...)")]
+# an image part without a filename arrives as text (RFC 7578 makes the filename optional)
+ImageFile = Annotated[UploadFile | str | None, File(description="a cover image (JPEG, PNG, WebP...)")]
 Method = Literal["head", "knn", "ensemble"]
 
 
@@ -282,7 +329,7 @@ def create_app(
         with lock:
             return fn(*args, **kwargs)
 
-    def run_query(image: UploadFile | None, cover_id: int | None, **options: Any) -> tuple[dict, Any]:
+    def run_query(image: UploadFile | str | None, cover_id: int | None, **options: Any) -> tuple[dict, Any]:
         """(query description, QueryResult) for an upload or a cover id, via ``Engine.query``."""
         if image is not None and cover_id is not None:
             raise RequestError("give either an image or an id, not both", 400)
@@ -291,12 +338,17 @@ def create_app(
             return {"kind": "id", "id": cover_id, "thumbnail": thumbnail_url(cover_id)}, result
         if image is None:
             raise RequestError("give an image upload (field 'image') or a cover id ('id')", 422)
-        data = read_limited(image.file, max_upload_bytes)
+        if isinstance(image, str):  # a part without a filename
+            data, filename = text_part_bytes(image), ""
+            if len(data) > max_upload_bytes:
+                raise ImageTooLargeError(f"upload is larger than the limit of {max_upload_bytes:,} bytes")
+        else:
+            data, filename = read_limited(image.file, max_upload_bytes), image.filename or ""
         if not data:
             raise BadImageError("the upload is empty")
-        result = locked(engine.query, data, label=image.filename or "upload", **options)
+        result = locked(engine.query, data, label=filename or "upload", **options)
         width, height = result.size or (None, None)
-        query = {"kind": "upload", "filename": image.filename or "", "bytes": len(data),
+        query = {"kind": "upload", "filename": filename, "bytes": len(data),
                  "width": width, "height": height, "in_index": result.row is not None}
         if result.row is not None:
             query["id"] = result.row
@@ -327,7 +379,6 @@ def create_app(
         return response
 
     @app.post("/classify", summary="Genre of a cover",
-              openapi_extra=_query_body({**TOP_FIELD, **METHOD_FIELD}),
               responses=_error_responses(400, 404, 413, 415, 422, 500))
     def classify(
         image: ImageFile = None,
@@ -346,7 +397,6 @@ def create_app(
                 "levels": to_plain(result.levels)}
 
     @app.post("/similar", summary="Covers that look alike",
-              openapi_extra=_query_body(SIMILAR_FIELDS),
               responses=_error_responses(400, 404, 413, 415, 422, 500))
     def similar(
         image: ImageFile = None,
@@ -401,6 +451,15 @@ def create_app(
         if name not in static:
             raise StarletteHTTPException(404, f"no static file {name!r}")
         return static_response(name)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = with_query_bodies(FastAPI.openapi(app), {
+                "/classify": _query_body({**TOP_FIELD, **METHOD_FIELD}),
+                "/similar": _query_body(SIMILAR_FIELDS)})
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     def static_response(name: str) -> Response:
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
