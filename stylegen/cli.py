@@ -255,6 +255,87 @@ def serve(
     run_serve(engine, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
 
 
+library_app = typer.Typer(no_args_is_help=True, help="Genres for a music library: scan album art, tag, undo.")
+app.add_typer(library_app, name="library")
+MusicDir = Annotated[Path, typer.Argument(help="Folder of audio files (searched recursively).")]
+ShowProgress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
+@library_app.command("scan")
+def library_scan(
+    directory: MusicDir,
+    index: IndexDir = Path("indexes/default"),
+    method: Method = None,
+    top: Annotated[int, typer.Option(min=1)] = 3,
+    as_json: JsonFlag = False,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one row per album here.")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page here.")] = None,
+    device: Device = "auto",
+    progress: ShowProgress = True,
+) -> None:
+    """Each album's cover art (embedded, else cover.* in its folder), current genre and suggested genres."""
+    from stylegen import library
+    from stylegen.engine import Engine
+
+    report = library.scan(directory, Engine.open(index, device=device), top=top, method=method, progress=progress)
+    if csv_out is not None:
+        library.write_csv(report, csv_out)
+    if html_out is not None:
+        library.write_html(report, html_out)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else library.format_scan(report))
+    if not as_json:
+        typer.echo(report.summary())
+
+
+@library_app.command("tag")
+def library_tag(
+    directory: MusicDir,
+    index: IndexDir = Path("indexes/default"),
+    write: Annotated[bool, typer.Option("--write", help="Write the tags (default: only show what would change).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace genres that are already set.")] = False,
+    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="Leave albums whose top genre is less likely.")] = 0.0,
+    level: Annotated[str, typer.Option(help="class (the heads' genres) | top (top-level genres of the taxonomy)")] = "class",
+    count: Annotated[int, typer.Option(min=1, help="Write up to this many genres (each above --min-confidence).")] = 1,
+    log: Annotated[Path | None, typer.Option(help="Undo log (default: DIRECTORY/stylegen-undo-TIME.csv).")] = None,
+    method: Method = None,
+    device: Device = "auto",
+    progress: ShowProgress = True,
+) -> None:
+    """Set genre tags from cover art: a dry run unless --write (verified writes, undo log)."""
+    from stylegen import library
+    from stylegen.progress import embed_progress
+
+    report = library.scan(directory, _engine(index, device), method=method, progress=progress)
+    plans = library.plan_tags(report, level=level, count=count, min_confidence=min_confidence, overwrite=overwrite)
+    typer.echo(library.format_plan(plans, report.bad_files))
+    if not write:
+        typer.echo(f"dry run: {sum(p.action == 'write' for p in plans)} files would be tagged (add --write)")
+        return
+    log = log or library.default_log(directory)
+    with embed_progress(sum(p.action == "write" for p in plans), progress, "writing tags", "files") as advance:
+        done = library.apply(plans, log, advance)
+    for f in done.failed + report.bad_files:
+        typer.echo(f"not tagged: {f['path']}: {f['reason']}", err=True)
+    typer.echo(f"{done.summary()}; undo with: stylegen library undo {log}")
+
+
+@library_app.command("undo")
+def library_undo(log: Annotated[Path, typer.Argument(help="Undo log written by `library tag --write`.")]) -> None:
+    """Restore the genre tags recorded in LOG (files edited since are left alone)."""
+    from stylegen.tagging import undo
+
+    report = undo(log)
+    for f in report.failed:
+        typer.echo(f"not restored: {f['path']}: {f['reason']}", err=True)
+    typer.echo(report.summary())
+
+
+def _engine(index: Path, device: str):
+    from stylegen.engine import Engine
+
+    return Engine.open(index, device=device)
+
+
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     try:

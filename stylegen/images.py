@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from stylegen import audioart
 from stylegen.config import Preprocess
 from stylegen.errors import BadImageError, ImageTooLargeError, SourceError, UnsupportedImageError
 
@@ -28,12 +29,18 @@ def list_source(source: str | Path) -> pd.DataFrame:
     ``genre``/``genres`` where known and every other manifest column as metadata.
 
     A folder is flat or has one subfolder per genre (the subfolder becomes the label);
-    a ``.csv`` is a manifest with an ``image`` column relative to the CSV.
+    a folder holding audio files is a music library, one row per album
+    (:func:`stylegen.library.album_rows`); a ``.csv`` is a manifest with an ``image``
+    column relative to the CSV.
     """
     src = Path(source)
     if not src.exists():
         raise SourceError(f"source not found: {src}")
     if src.is_dir():
+        if audioart.has_audio(src):  # a music library: one row per album, its cover art
+            from stylegen.library import album_rows
+
+            return album_rows(src)
         return _list_folder(src)
     if src.suffix.lower() == ".csv":
         return _read_manifest(src)
@@ -73,7 +80,8 @@ def _read_manifest(csv: Path) -> pd.DataFrame:
 
 
 def read_bytes(path: str | Path) -> bytes:
-    """The image bytes behind a SOURCE row's ``path`` (an image file's contents).
+    """The image bytes behind a SOURCE row's ``path``: an image file's contents, or the
+    front cover embedded in an audio file (:func:`stylegen.audioart.embedded_cover`).
 
     Every reader (hashing, decoding, queries) goes through this function, so an item is
     hashed and decoded from the same bytes. Raises :class:`BadImageError` with the reason.
@@ -82,6 +90,8 @@ def read_bytes(path: str | Path) -> bytes:
     try:
         if not p.is_file():
             raise BadImageError("file not found" if not p.exists() else "not a file")
+        if audioart.is_audio(p):
+            return audioart.embedded_cover(p)
         size = p.stat().st_size
         if size == 0:
             raise BadImageError("empty file")

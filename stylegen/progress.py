@@ -18,12 +18,13 @@ from rich.progress import (
 
 
 @contextlib.contextmanager
-def embed_progress(total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar on stderr with images/s and ETA when enabled."""
+def embed_progress(total: int, enabled: bool = True, label: str = "embedding",
+                   unit: str = "img") -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; shows a bar on stderr with ``unit``/s and ETA when enabled."""
     if not enabled:
         yield lambda n: None
         return
-    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                TextColumn("[progress.data.speed]{task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
@@ -32,6 +33,6 @@ def embed_progress(total: int, enabled: bool = True) -> Iterator[Callable[[int],
         def advance(n: int) -> None:
             bar.advance(task, n)
             speed = bar.tasks[task].speed
-            bar.update(task, rate=f"{speed:6.1f} img/s" if speed else "")
+            bar.update(task, rate=f"{speed:6.1f} {unit}/s" if speed else "")
 
         yield advance
