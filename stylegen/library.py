@@ -98,8 +98,8 @@ def judge(albums: Sequence[audioart.Album], engine: Any, *, top: int = 3, method
     progress(len(out))
     for i in range(0, len(todo), QUERY_CHUNK):
         chunk = todo[i : i + QUERY_CHUNK]
-        results, bad = engine.query_many([str(a.art) for a in chunk], top=top, method=method,
-                                         labels=[a.key for a in chunk])
+        results, bad = _query_many(engine, [str(a.art) for a in chunk], top=top, method=method,
+                                   labels=[a.key for a in chunk])
         by_key = {a.key: a for a in chunk}
         for r in results:
             out[r.label] = AlbumResult(by_key[r.label], r.genres, r.levels, r.in_index)
@@ -107,6 +107,26 @@ def judge(albums: Sequence[audioart.Album], engine: Any, *, top: int = 3, method
             out[b["image"]] = AlbumResult(by_key[b["image"]], error=f"art unreadable: {b['reason']}")
         progress(len(chunk))
     return [out[a.key] for a in albums]
+
+
+def _query_many(engine, paths, *, top, method, labels):  # TEMPORARY shim until Engine.query lands
+    if hasattr(engine, "query_many"):
+        return engine.query_many(paths, top=top, method=method, labels=labels)
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    vecs, good, bad = engine.embed_paths(paths)
+    bad = [{"image": labels[paths.index(b["image"])], "reason": b["reason"]} for b in bad]
+    if not good:
+        return [], bad
+    rows = [engine.find(paths[i]) for i in good]
+    proba, classes = engine.predict_proba(vecs, method, rows=[-1 if r is None else r for r in rows])
+    out = []
+    for i, r, pr in zip(good, rows, proba, strict=True):
+        d = engine.describe(np.asarray(pr), classes, top)
+        out.append(SimpleNamespace(label=labels[i], genres=d["genres"], levels=d.get("levels", {}), in_index=r is not None))
+    return out, bad
 
 
 def judge_files(paths: Sequence[str | Path], engine: Any, *, art: str | Path | None = None, top: int = 3,

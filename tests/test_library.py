@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mutagen
@@ -27,7 +25,7 @@ OTHER_KEYS = {"id3": lambda t: {k: repr(v) for k, v in t.items() if k != "TCON"}
 
 @pytest.fixture(scope="module")
 def covers(tmp_path_factory) -> list[bytes]:
-    return cover_images(4, tmp_path_factory.mktemp("covers"))
+    return cover_images(7, tmp_path_factory.mktemp("covers"))
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,17 @@ def index(tmp_path_factory) -> Path:
     return tiny_index(tmp_path_factory)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+def cli(*args: str):
+    """The real CLI, in process (a subprocess would pay the torch import each time)."""
+    from typer.testing import CliRunner
+
+    from stylegen.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    r.returncode = r.exit_code
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
 
 
 def native_genre(path: Path) -> list[str] | None:

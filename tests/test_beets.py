@@ -1,0 +1,104 @@
+"""The beets plugin (beetsplug/stylegen.py) in a temporary beets library: `beet import -A`
+of generated audio files, then `beet stylegen` sets genres and the float field
+stylegen_confidence; with `auto: yes` the import stage does it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.audiofiles import GENRES, cover_images, embed_art, tag, tiny_index, write_audio
+
+beets = pytest.importorskip("beets", reason="beets is not installed (pip install -e '.[beets]')")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> Path:
+    return tiny_index(tmp_path_factory)
+
+
+def make_music(root: Path, covers: list[bytes]) -> None:
+    """Two albums with embedded front covers (FLAC, MP3) and one with cover.jpg only (Ogg)."""
+    for a, (fmt, art) in enumerate([("flac", covers[0]), ("mp3", covers[1]), ("ogg", None)]):
+        for i in range(2):
+            p = write_audio(root / f"album{a}" / f"{i + 1:02d}.{fmt}", seed=i)
+            tag(p, artist=f"Artist {a}", albumartist=f"Artist {a}", album=f"Album {a}", title=f"t{i}", track=i + 1)
+            if art is not None:
+                embed_art(p, art)
+    (root / "album2" / "cover.jpg").write_bytes(covers[2])
+
+
+def beet(beetsdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BEETSDIR": str(beetsdir), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "beets", *args], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+
+
+def configure(beetsdir: Path, index: Path, auto: bool) -> None:
+    beetsdir.mkdir(parents=True)
+    (beetsdir / "config.yaml").write_text(
+        f"directory: {beetsdir / 'music'}\nlibrary: {beetsdir / 'library.db'}\nplugins: stylegen\n"
+        "import:\n  copy: no\n  write: no\n  resume: no\n  incremental: no\n"
+        f"stylegen:\n  index: {index}\n  min_confidence: 0.0\n  auto: {'yes' if auto else 'no'}\n")
+
+
+def albums(beetsdir: Path) -> dict[str, tuple[list[str], float | None]]:
+    out = beet(beetsdir, "ls", "-a", "-f", "$album|$genres|$stylegen_confidence")
+    assert out.returncode == 0, out.stderr
+    rows = {}
+    for line in out.stdout.strip().splitlines():
+        album, genres, conf = line.split("|")
+        rows[album] = ([g for g in genres.split("; ") if g], None if conf in ("", "$stylegen_confidence") else float(conf))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def music(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("music")
+    make_music(root, cover_images(3, root / ".gen"))
+    return root
+
+
+def test_beet_stylegen_sets_genres_and_typed_confidence(music, index, tmp_path):
+    bd = tmp_path / "beets"
+    configure(bd, index, auto=False)
+    imp = beet(bd, "import", "-A", "-q", str(music))
+    assert imp.returncode == 0, imp.stderr
+    assert {a: g for a, (g, _) in albums(bd).items()} == {f"Album {i}": [] for i in range(3)}
+
+    pretend = beet(bd, "stylegen", "-p")
+    assert pretend.returncode == 0, pretend.stderr
+    assert pretend.stdout.count("->") == 3 and all(g for g, _ in albums(bd).values()) is False
+
+    run = beet(bd, "stylegen")
+    assert run.returncode == 0, run.stderr
+    got = albums(bd)
+    assert set(got) == {f"Album {i}" for i in range(3)}
+    for genres, conf in got.values():
+        assert len(genres) == 1 and genres[0] in GENRES
+        assert conf is not None and 1 / len(GENRES) <= conf <= 1.0  # the top probability of 3 classes
+    # a typed float field answers numeric range queries (an untyped one would compare strings)
+    lo = min(c for _, c in got.values())
+    q = beet(bd, "ls", "-a", f"stylegen_confidence:{lo:.4f}..1", "-f", "$album")
+    assert sorted(q.stdout.split("\n")[:-1]) == sorted(got)
+    items = beet(bd, "ls", "-f", "$album|$genres")
+    assert all(line.split("|")[1] == got[line.split("|")[0]][0][0] for line in items.stdout.strip().splitlines())
+
+    # existing genres are kept unless --force; a higher threshold leaves albums alone
+    again = beet(bd, "stylegen", "-m", "1.0", "-f")
+    assert again.returncode == 0 and albums(bd) == got
+
+
+def test_auto_import_stage_sets_genres(music, index, tmp_path):
+    bd = tmp_path / "beets"
+    configure(bd, index, auto=True)
+    imp = beet(bd, "import", "-A", "-q", str(music))
+    assert imp.returncode == 0, imp.stderr
+    got = albums(bd)
+    assert len(got) == 3 and all(len(g) == 1 and g[0] in GENRES and c is not None for g, c in got.values())
