@@ -32,16 +32,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.audiofiles import FORMATS, embed_art, tag, unsupported_reason, write_audio  # noqa: E402
+from tests.audiofiles import FORMATS, embed_art, tag, unsupported_reason, write_audio
 
 COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
 
 
 def cpu_line() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
+    flags = next((ln for ln in info if ln.startswith("flags")), "")
     have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     return f"{model}; flags: {', '.join(have) or 'none'}; {load}"
 
 

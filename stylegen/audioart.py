@@ -14,7 +14,7 @@ import base64
 import binascii
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,7 @@ def _vorbis_pictures(tags: Any) -> list[tuple[int, bytes]]:
     for value in tags.get("metadata_block_picture") or []:
         try:
             pic = Picture(base64.b64decode(value))
-        except (binascii.Error, ValueError, Exception):  # noqa: BLE001 - a bad block is skipped
+        except Exception:  # noqa: BLE001, S112 - a damaged picture block is skipped
             continue
         out.append((int(pic.type), bytes(pic.data)))
     for value in tags.get("coverart") or []:  # the pre-2008 convention: raw image, base64
@@ -266,10 +266,8 @@ def walk_audio(root: str | Path) -> tuple[list[Path], dict[Path, list[str]]]:
     return audio, names
 
 
-def scan_tracks(root: str | Path, progress=lambda n: None) -> tuple[list[Track], list[dict[str, str]], dict[Path, list[str]]]:
-    """Read every audio file under ``root``: (tracks, bad files ``{"path","reason"}``,
-    folder listings)."""
-    paths, names = walk_audio(root)
+def read_tracks(paths: Iterable[Path], progress: Callable[[int], None] = lambda n: None) -> tuple[list[Track], list[dict[str, str]]]:
+    """Read each audio file: (tracks, unreadable files ``{"path", "reason"}``)."""
     tracks, bad = [], []
     for p in paths:
         try:
@@ -277,7 +275,7 @@ def scan_tracks(root: str | Path, progress=lambda n: None) -> tuple[list[Track],
         except BadAudioError as exc:
             bad.append({"path": str(p), "reason": str(exc)})
         progress(1)
-    return tracks, bad, names
+    return tracks, bad
 
 
 def album_key(t: Track, root: Path) -> tuple[str, ...]:
@@ -368,9 +366,10 @@ def _unique_keys(albums: list[Album]) -> list[Album]:
     return out
 
 
-def scan_albums(root: str | Path, progress=lambda n: None) -> tuple[list[Album], list[dict[str, str]]]:
+def scan_albums(root: str | Path) -> tuple[list[Album], list[dict[str, str]]]:
     """Albums under ``root`` and the audio files that could not be read."""
-    tracks, bad, names = scan_tracks(root, progress)
+    paths, names = walk_audio(root)
+    tracks, bad = read_tracks(paths)
     return group_albums(tracks, root, names), bad
 
 

@@ -82,9 +82,13 @@ class ScanReport:
 
 
 # ---- scan ----------------------------------------------------------------------------------
-def find_albums(root: str | Path, progress: Progress = _no_progress) -> tuple[list[audioart.Album], list[dict[str, str]], int]:
-    """Albums under ``root``, the unreadable audio files and the number of readable tracks."""
-    tracks, bad, names = audioart.scan_tracks(root, progress)
+def find_albums(root: str | Path, progress: Progress = _no_progress,
+                walked: tuple[list[Path], dict[Path, list[str]]] | None = None,
+                ) -> tuple[list[audioart.Album], list[dict[str, str]], int]:
+    """Albums under ``root``, the unreadable audio files and the number of readable tracks
+    (``walked``: :func:`audioart.walk_audio` of ``root`` when already done)."""
+    paths, names = walked or audioart.walk_audio(root)
+    tracks, bad = audioart.read_tracks(paths, progress)
     if not tracks and not bad:
         raise SourceError(f"no audio files ({', '.join(sorted(audioart.AUDIO_EXTS))}) under {root}")
     return audioart.group_albums(tracks, root, names), bad, len(tracks)
@@ -141,9 +145,9 @@ def scan(root: str | Path, engine: Any, *, top: int = 3, method: str | None = No
     from stylegen.progress import embed_progress
 
     t0 = time.perf_counter()
-    paths, _ = audioart.walk_audio(root)
-    with embed_progress(len(paths), progress, label="reading tags", unit="files") as advance:
-        albums, bad, n_tracks = find_albums(root, advance)
+    walked = audioart.walk_audio(root)
+    with embed_progress(len(walked[0]), progress, label="reading tags", unit="files") as advance:
+        albums, bad, n_tracks = find_albums(root, advance, walked)
     with embed_progress(len(albums), progress, label="judging art", unit="albums") as advance:
         results = judge(albums, engine, top=top, method=method, progress=advance)
     used = method or getattr(engine, "head_config", {}).get("default_method")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mutagen
@@ -301,7 +303,7 @@ def test_tag_dry_run_write_failures_and_undo(music, index, tmp_path):
     ro = sorted(albums["Folder – Art"].parent.glob("*.flac"))[1]
     os.chmod(ro, 0o444)
     cut = albums["None – Art"].parent / "zz cut.flac"
-    cut.write_bytes(sorted(albums["Folder – Art"].parent.glob("*.flac"))[0].read_bytes()[:300])
+    cut.write_bytes(min(albums["Folder – Art"].parent.glob("*.flac")).read_bytes()[:300])
     log = tmp_path / "undo.csv"
     run = cli("library", "tag", str(root), "--index", str(index), "--write", "--log", str(log), "--no-progress")
     assert run.returncode == 0, run.stderr
@@ -339,3 +341,10 @@ def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_pat
     assert len(row["tracks"].split("|")) == 2 and row["artist"]
     hit = engine.query(row["path"], top=3)
     assert hit.in_index and meta.iloc[hit.row]["image"] == row["image"]
+
+
+def test_scan_of_a_folder_without_audio_is_a_one_line_error(index, tmp_path):
+    make_image(tmp_path / "photos" / "cover.jpg", kind=0)
+    r = subprocess.run([sys.executable, "-m", "stylegen.cli", "library", "scan", str(tmp_path / "photos"),
+                        "--index", str(index), "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: no audio files") and len(r.stderr.splitlines()) == 1
