@@ -134,7 +134,7 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None,
     """
     if isinstance(source, bytes) and not source:
         raise BadImageError("empty file")
-    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    fp = io.BytesIO(source if isinstance(source, bytes) else read_bytes(source))  # audio: its cover
     try:
         img = Image.open(fp)
         w, h = img.size  # from the header: checked before any pixel is decoded

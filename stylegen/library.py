@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from stylegen import audioart, images, tagging
-from stylegen.errors import BadImageError, SourceError, StylegenError
+from stylegen import audioart, tagging
+from stylegen.errors import SourceError, StylegenError
 
 LEVELS = ("class", "top")
 QUERY_CHUNK = 32  # albums per query_many call (bounds the decoded pixels held at once)
@@ -102,8 +101,8 @@ def judge(albums: Sequence[audioart.Album], engine: Any, *, top: int = 3, method
     progress(len(out))
     for i in range(0, len(todo), QUERY_CHUNK):
         chunk = todo[i : i + QUERY_CHUNK]
-        results, bad = _query_many(engine, [str(a.art) for a in chunk], top=top, method=method,
-                                   labels=[a.key for a in chunk])
+        results, bad = engine.query_many([str(a.art) for a in chunk], top=top, method=method,
+                                         labels=[a.key for a in chunk])
         by_key = {a.key: a for a in chunk}
         for r in results:
             out[r.label] = AlbumResult(by_key[r.label], r.genres, r.levels, r.in_index)
@@ -111,26 +110,6 @@ def judge(albums: Sequence[audioart.Album], engine: Any, *, top: int = 3, method
             out[b["image"]] = AlbumResult(by_key[b["image"]], error=f"art unreadable: {b['reason']}")
         progress(len(chunk))
     return [out[a.key] for a in albums]
-
-
-def _query_many(engine, paths, *, top, method, labels):  # TEMPORARY shim until Engine.query lands
-    if hasattr(engine, "query_many"):
-        return engine.query_many(paths, top=top, method=method, labels=labels)
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    vecs, good, bad = engine.embed_paths(paths)
-    bad = [{"image": labels[paths.index(b["image"])], "reason": b["reason"]} for b in bad]
-    if not good:
-        return [], bad
-    rows = [engine.find(paths[i]) for i in good]
-    proba, classes = engine.predict_proba(vecs, method, rows=[-1 if r is None else r for r in rows])
-    out = []
-    for i, r, pr in zip(good, rows, proba, strict=True):
-        d = engine.describe(np.asarray(pr), classes, top)
-        out.append(SimpleNamespace(label=labels[i], genres=d["genres"], levels=d.get("levels", {}), in_index=r is not None))
-    return out, bad
 
 
 def judge_files(paths: Sequence[str | Path], engine: Any, *, art: str | Path | None = None, top: int = 3,
@@ -150,7 +129,7 @@ def scan(root: str | Path, engine: Any, *, top: int = 3, method: str | None = No
         albums, bad, n_tracks = find_albums(root, advance, walked)
     with embed_progress(len(albums), progress, label="judging art", unit="albums") as advance:
         results = judge(albums, engine, top=top, method=method, progress=advance)
-    used = method or getattr(engine, "head_config", {}).get("default_method")
+    used = method or (engine.head_config["default_method"] if any(not r.error for r in results) else None)
     return ScanReport(str(root), used, results, bad, n_tracks, time.perf_counter() - t0)
 
 
@@ -297,18 +276,11 @@ def write_csv(report: ScanReport, out: str | Path) -> None:
 
 def write_html(report: ScanReport, out: str | Path) -> None:
     """A self-contained page: each album's art, current genres and suggestions."""
-    from PIL import Image
-
     from stylegen.search import thumbnail_data_uri
 
     cards = []
     for r in report.albums:
-        src = ""
-        if r.album.art is not None and not r.error:
-            try:
-                src = thumbnail_data_uri(Image.open(io.BytesIO(images.read_bytes(r.album.art))), 160)
-            except (BadImageError, OSError):
-                src = ""
+        src = thumbnail_data_uri(r.album.art, 160) if r.album.art is not None and not r.error else ""
         sugg = "<br>".join(f"{html.escape(g['genre'])} {g['probability']:.2f}" for g in r.genres) or html.escape(r.error or "")
         now = html.escape(", ".join(r.album.genres) or "no genre")
         img = f"<img src='{src}' alt=''>" if src else "<div class='none'>no art</div>"

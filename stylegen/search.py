@@ -11,18 +11,21 @@ from typing import Any
 
 from PIL import Image
 
+from stylegen.errors import BadImageError
+from stylegen.images import open_image
+
 THUMB = 200
 
 
 def thumbnail_data_uri(image: Image.Image | str | Path, size: int = THUMB) -> str:
     """A JPEG thumbnail as a data: URI (so the page opens offline, with no other files)."""
     try:
-        img = image if isinstance(image, Image.Image) else Image.open(image)
+        img = image if isinstance(image, Image.Image) else open_image(image)  # audio files: their cover
         img = img.convert("RGB")
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-    except OSError:
+    except (OSError, BadImageError):
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -67,7 +70,7 @@ def contact_sheet(query: Image.Image, title: str, neighbours: Sequence[dict[str,
 def write_contact_sheet(out: Path, engine: Any, query: Path, result: Any, by: str) -> Path:
     """Write the contact sheet of ``result`` (a :class:`~stylegen.engine.QueryResult`)."""
     paths = [engine.cover_path(n["id"]) for n in result.neighbours]
-    page = contact_sheet(Image.open(query), query.name, result.neighbours, paths, by)
+    page = contact_sheet(open_image(query), query.name, result.neighbours, paths, by)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out

@@ -339,8 +339,12 @@ def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_pat
     assert "no cover art" in set(bad["reason"])
     row = rows.iloc[0]
     assert len(row["tracks"].split("|")) == 2 and row["artist"]
-    hit = engine.query(row["path"], top=3)
+    hit = engine.query(row["path"], classify=False, k=3)  # heads are stale after the embed: no genres
     assert hit.in_index and meta.iloc[hit.row]["image"] == row["image"]
+    assert hit.neighbours[0]["id"] == hit.row and hit.neighbours[0]["is_query"]
+    sheet = cli("similar", row["tracks"].split("|")[0], "--index", str(idx), "-k", "3", "--html", str(tmp_path / "s.html"))
+    assert sheet.returncode == 0 and "(the query itself)" in sheet.stdout
+    assert (tmp_path / "s.html").read_text().count("data:image/jpeg;base64,") == 4  # query + 3 neighbours
 
 
 def test_scan_of_a_folder_without_audio_is_a_one_line_error(index, tmp_path):
