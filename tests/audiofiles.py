@@ -184,7 +184,7 @@ def tiny_index(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.getbasetemp() / "audio_tiny_index"
     idx = root / "idx"
-    if (idx / "heads" / "heads.json").is_file():
+    if (idx / "heads" / "CURRENT").is_file():
         return idx
     root.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(planted_rows(root, list(GENRES), 8, lambda g, i: {"artist": f"{GENRES[g]}-artist{i % 4}"})
