@@ -86,11 +86,16 @@ def find_albums(root: str | Path, progress: Progress = _no_progress,
                 ) -> tuple[list[audioart.Album], list[dict[str, str]], int]:
     """Albums under ``root``, the unreadable audio files and the number of readable tracks
     (``walked``: :func:`audioart.walk_audio` of ``root`` when already done)."""
-    paths, names = walked or audioart.walk_audio(root)
+    paths, names = walked or _walk(root)
     tracks, bad = audioart.read_tracks(paths, progress)
-    if not tracks and not bad:
-        raise SourceError(f"no audio files ({', '.join(sorted(audioart.AUDIO_EXTS))}) under {root}")
     return audioart.group_albums(tracks, root, names), bad, len(tracks)
+
+
+def _walk(root: str | Path) -> tuple[list[Path], dict[Path, list[str]]]:
+    paths, names = audioart.walk_audio(root)
+    if not paths:
+        raise SourceError(f"no audio files ({', '.join(sorted(audioart.AUDIO_EXTS))}) under {root}")
+    return paths, names
 
 
 def judge(albums: Sequence[audioart.Album], engine: Any, *, top: int = 3, method: str | None = None,
@@ -124,7 +129,7 @@ def scan(root: str | Path, engine: Any, *, top: int = 3, method: str | None = No
     from stylegen.progress import embed_progress
 
     t0 = time.perf_counter()
-    walked = audioart.walk_audio(root)
+    walked = _walk(root)
     with embed_progress(len(walked[0]), progress, label="reading tags", unit="files") as advance:
         albums, bad, n_tracks = find_albums(root, advance, walked)
     with embed_progress(len(albums), progress, label="judging art", unit="albums") as advance:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -347,8 +346,12 @@ def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_pat
     assert (tmp_path / "s.html").read_text().count("data:image/jpeg;base64,") == 4  # query + 3 neighbours
 
 
-def test_scan_of_a_folder_without_audio_is_a_one_line_error(index, tmp_path):
+def test_scan_of_a_folder_without_audio_is_a_one_line_error(index, tmp_path, monkeypatch, capsys):
+    from stylegen.cli import main
+
     make_image(tmp_path / "photos" / "cover.jpg", kind=0)
-    r = subprocess.run([sys.executable, "-m", "stylegen.cli", "library", "scan", str(tmp_path / "photos"),
-                        "--index", str(index), "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 2 and r.stderr.startswith("error: no audio files") and len(r.stderr.splitlines()) == 1
+    monkeypatch.setattr(sys, "argv", ["stylegen", "library", "scan", str(tmp_path / "photos"), "--index", str(index)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: no audio files") and len(err.splitlines()) == 1
