@@ -51,6 +51,14 @@ class BuildResult:
     seconds: float = 0.0
 
 
+def current_manifest(index_dir: str | Path) -> dict[str, Any] | None:
+    """The live snapshot's manifest, or None when there is no index (cheap: nothing else is read)."""
+    current = Path(index_dir) / "CURRENT"
+    if not current.is_file():
+        return None
+    return json.loads((Path(index_dir) / current.read_text().strip() / "manifest.json").read_text())
+
+
 def open_current(index_dir: Path) -> Index | None:
     return Index.open(index_dir, use_gpu=False) if (Path(index_dir) / "CURRENT").is_file() else None
 
@@ -124,7 +132,7 @@ def _new_rows(shards: list[Shard], fresh: list[int], known: set[str]) -> pd.Data
 def _gather(shards: list[Shard], loc: pd.DataFrame) -> dict[str, np.ndarray]:
     """Raw part vectors (float32) of the rows at ``loc`` (columns _shard, _row), in order."""
     out: dict[str, np.ndarray] = {}
-    shard_of, row_of = loc["_shard"].to_numpy(), loc["_row"].to_numpy()
+    shard_of, row_of = loc["_shard"].to_numpy(np.int64), loc["_row"].to_numpy(np.int64)
     for s in np.unique(shard_of):
         at = np.flatnonzero(shard_of == s)
         for part, x in shards[int(s)].raw().items():

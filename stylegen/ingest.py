@@ -24,7 +24,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stylegen import backbones, images
-from stylegen.build import DEFAULT_MAX_SAMPLE, BuildResult, index_ingest_id, open_current, update_index
+from stylegen.build import (
+    DEFAULT_MAX_SAMPLE,
+    BuildResult,
+    current_manifest,
+    index_ingest_id,
+    open_current,
+    update_index,
+)
 from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.features import Featurizer
@@ -224,6 +231,36 @@ def embed(
         report.seconds = time.perf_counter() - t0
         _write_report(index_dir, report)
     return report
+
+
+def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | None:
+    """The settings the ``embed`` command's options ask for (None: whatever the index has).
+
+    ``options`` are the command's feature settings (``backbone``, ``weights``, ``taps``,
+    ``parts``, ``style_weight``, ``content_weight``, ``compression``, ``dim``, ``whiten``,
+    ``flip``), None when not given. On an existing index the given ones replace the index's
+    own, so any that differ are refused by name; a new index takes defaults for the rest.
+    """
+    import dataclasses
+
+    manifest = current_manifest(index_dir)
+    given = {k: v for k, v in options.items() if v is not None}
+    if manifest is not None and not given:
+        return None
+    base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else EmbedConfig()
+    bb, ft, cp = base.backbone, base.features, base.compression
+    if "backbone" in given or "weights" in given or "taps" in given:
+        bb = dataclasses.replace(bb, name=given.get("backbone", bb.name), weights=given.get("weights", bb.weights),
+                                 taps=given.get("taps", bb.taps))
+    weights = dict(ft.weights)
+    for part in ("style", "content"):
+        if f"{part}_weight" in given:
+            weights[part] = float(given[f"{part}_weight"])
+    ft = dataclasses.replace(ft, parts=given.get("parts", ft.parts), weights=weights, flip=given.get("flip", ft.flip))
+    dims = {p: int(given["dim"]) for p in cp.dims} if "dim" in given else dict(cp.dims)
+    cp = dataclasses.replace(cp, method=given.get("compression", cp.method), dims=dims,
+                             whiten=given.get("whiten", cp.whiten))
+    return EmbedConfig(backbone=bb, features=ft, compression=cp)
 
 
 def _plan(items: pd.DataFrame, existing: Index | None) -> tuple[EmbedReport, pd.DataFrame]:
