@@ -58,6 +58,7 @@ def embed(
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: the index's, else by device)")] = "auto",
     engine: Annotated[str, typer.Option(help="local | ray (read/decode as Ray tasks, the model in Ray actors).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Covers per ingest shard (a killed run loses at most one).")] = 1024,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Embed every new image of SOURCE into the index (resumable, incremental: covers are
@@ -70,7 +71,8 @@ def embed(
         parts=_parts(parts) if parts else None, style_weight=style_weight, content_weight=content_weight,
         compression=compression, dim=dim, whiten=whiten, flip=flip)
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
-                       precision=precision, progress=progress, engine=engine, address=address)
+                       precision=precision, progress=progress, engine=engine, address=address,
+                       checkpoint_every=shard_size)
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")

@@ -54,6 +54,7 @@ class EmbedReport:
     bad: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    build_seconds: float = 0.0
     count: int = 0
 
     @property
@@ -225,7 +226,8 @@ def embed(
             report.embed_seconds = time.perf_counter() - t1
             report.embedded = len(run)
             if list_shards(index_dir):
-                report.added = update_index(index_dir, config if existing is None else None).added
+                built_now = update_index(index_dir, config if existing is None else None)
+                report.added, report.build_seconds = built_now.added, built_now.seconds
         final = open_current(index_dir)
         report.count = len(final) if final is not None else 0
         report.seconds = time.perf_counter() - t0
