@@ -91,7 +91,7 @@ def phase(before: dict, after: dict, finished: bool) -> str:
         return "ingest: writing a shard"
     if after["shards"] != before["shards"]:
         return "ingest: between shards"
-    return "start-up / first batches"
+    return "start-up or featurizing (nothing new on disk yet)"
 
 
 def check(index: Path, n: int) -> tuple[int, str]:  # n: the most covers the index may hold

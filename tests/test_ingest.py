@@ -175,7 +175,7 @@ def test_adding_covers_keeps_old_vectors_feature_id_and_heads(tmp_path):
     _, ids = after.search(after.vectors[10:], k=1)
     assert list(ids[:, 0]) == [10, 11]  # the appended rows are in the faiss index
     engine = Engine.open(idx)  # heads trained before the add still load and predict
-    proba, classes = engine.predict_proba(np.asarray(after.vectors[10:]), "head")
+    proba, classes = engine.predict_proba(np.asarray(after.vectors[10:]), "head")[:2]
     assert classes == ["jazz", "metal"] and proba.shape == (2, 2)
 
     result = stylegen_cli("index", str(idx), "--refit", "--max-sample", "8")
