@@ -46,35 +46,33 @@ def embed(
     taps: Annotated[str | None, typer.Option(
         help="Comma-separated tap layers for the Gram matrices, e.g. stage4,stage5,stage6 (new index only).")] = None,
     parts: Annotated[str | None, typer.Option(help="style | content | both (new index only).")] = None,
-    style_weight: Annotated[float, typer.Option(help="Weight of the style part.")] = 1.0,
-    content_weight: Annotated[float, typer.Option(help="Weight of the content part.")] = 1.0,
+    style_weight: Annotated[float | None, typer.Option(help="Weight of the style part (1.0; new index only).")] = None,
+    content_weight: Annotated[float | None, typer.Option(help="Weight of the content part (1.0; new index only).")] = None,
     compression: Annotated[str | None, typer.Option(help="pca | rp | none (new index only).")] = None,
-    dim: Annotated[int, typer.Option(help="Compressed size of each part.")] = 256,
-    whiten: Annotated[bool, typer.Option(help="Whiten the PCA output.")] = False,
-    flip: Annotated[bool, typer.Option(help="Average each image with its mirror image.")] = False,
+    dim: Annotated[int | None, typer.Option(min=1, help="Compressed size of each part (256; new index only).")] = None,
+    whiten: Annotated[bool | None, typer.Option("--whiten/--no-whiten", help="Whiten the PCA output (new index only).")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Average each image with its mirror image (new index only).")] = None,
     device: Device = "auto",
     batch_size: Annotated[int | None, typer.Option(min=1, help="Forward batch (default: 16 on CPU, 64 on GPU).")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: by device and cores).")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: the index's, else by device)")] = "auto",
+    engine: Annotated[str, typer.Option(help="local | ray (read/decode as Ray tasks, the model in Ray actors).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Covers per ingest shard (a killed run loses at most one).")] = 1024,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Embed every new image of SOURCE into the index (resumable, incremental)."""
-    from stylegen.config import BackboneConfig, CompressionConfig, EmbedConfig, FeatureConfig
+    """Embed every new image of SOURCE into the index (resumable, incremental: covers are
+    ingested to shards, then appended with the index's frozen compression)."""
     from stylegen.embed import embed as run_embed
+    from stylegen.ingest import requested_config
 
-    asked = any(v is not None for v in (backbone, weights, taps, parts, compression)) or flip or whiten
-    config = None
-    if asked or not (index / "CURRENT").is_file():
-        p = _parts(parts or "both")
-        config = EmbedConfig(
-            backbone=BackboneConfig(name=backbone or "efficientnet-lite0", weights=weights,
-                                    taps=_split(taps) if taps else None),
-            features=FeatureConfig(parts=p, weights={"style": style_weight, "content": content_weight}, flip=flip),
-            compression=CompressionConfig(method=compression or "pca", dims={q: dim for q in ("style", "content")},
-                                          whiten=whiten),
-        )
+    config = requested_config(
+        index, backbone=backbone, weights=weights, taps=_split(taps) if taps else None,
+        parts=_parts(parts) if parts else None, style_weight=style_weight, content_weight=content_weight,
+        compression=compression, dim=dim, whiten=whiten, flip=flip)
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
-                       precision=precision, progress=progress)
+                       precision=precision, progress=progress, engine=engine, address=address,
+                       checkpoint_every=shard_size)
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")
@@ -334,6 +332,25 @@ def _engine(index: Path, device: str):
     from stylegen.engine import Engine
 
     return Engine.open(index, device=device)
+
+
+@app.command("index")
+def build_index(
+    index: Annotated[Path, typer.Argument(help="Index directory.")],
+    refit: Annotated[bool, typer.Option(
+        help="Refit the compression on all ingested covers (new vectors: heads must be trained again).")] = False,
+    max_sample: Annotated[int, typer.Option(min=2, help="Most covers the compression is fitted on (seeded sample).")] = 100_000,
+) -> None:
+    """Build the index from its ingested shards: append the covers it lacks with the frozen
+    compression (old vectors and trained heads stay valid), or --refit."""
+    from stylegen.embed import build
+
+    result = build(index, refit=refit, max_sample=max_sample)
+    verb = "fitted the compression on" if result.refit else "appended"
+    typer.echo(f"{verb} {result.added} covers from {result.shards} shards; index holds {result.count} covers"
+               f" [{result.seconds:.1f} s]")
+    if result.refit and (index / "heads").is_dir():
+        typer.echo(f"the vectors changed: train the heads again (stylegen train --index {index})")
 
 
 def main() -> None:

@@ -8,10 +8,13 @@ Layout of an index directory ``DIR``::
         index.faiss        inner-product index over the normalised vectors
         vectors.npy        the same vectors (float32), for heads and per-part search
         metadata.parquet   one row per vector: image, path, content_hash, genres, ...
-        compressor.npz     fitted per-part projections
-        raw_<part>.npy     uncompressed part vectors (float16), to refit PCA as it grows
+        compressor.npz     fitted per-part projections (frozen until a deliberate refit)
+    DIR/shards/            append-only ingest shards: raw part vectors (float16) + metadata,
+                           keyed by content hash (:mod:`stylegen.shards`); a build reads them
     DIR/heads/             trained heads (tied to the snapshot's feature_id)
-    DIR/pending/           checkpoints of an unfinished embed run
+
+Indexes written before shards existed keep ``raw_<part>.npy`` in the snapshot; the first
+write moves them into a shard.
 
 A snapshot is written to a temporary folder and only then named in CURRENT, so an
 interrupted write leaves the previous index intact.
@@ -19,11 +22,13 @@ interrupted write leaves the previous index intact.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,30 +184,54 @@ def _want_gpu(use_gpu: bool | None) -> bool:
     return has if use_gpu is None else (use_gpu and has)
 
 
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold ``DIR/.lock`` so two writers never write one index at the same time; a writer
+    that holds it first removes what a killed writer left half-written."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StylegenError(f"another stylegen embed is writing {root}; wait for it to finish") from None
+        for stale in root.glob(".tmp-*"):  # left by a run that was killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
 def write_snapshot(
     root: Path,
     manifest: dict[str, Any],
     vectors: np.ndarray,
     metadata: pd.DataFrame,
     compressor: Compressor,
-    raw: dict[str, np.ndarray] | None,
+    raw: dict[str, np.ndarray] | None = None,
+    faiss_index: faiss.Index | None = None,
 ) -> Path:
-    """Write a complete new snapshot, then switch CURRENT to it and drop older ones."""
+    """Write a complete new snapshot, then switch CURRENT to it and drop older ones.
+
+    ``faiss_index``: an index already holding ``vectors`` (an append extends the previous
+    one); None builds one with ``manifest["index_key"]``. Raw features live in the
+    ingest shards (:mod:`stylegen.shards`), so ``raw`` is only for callers that want a
+    copy next to the vectors.
+    """
     root.mkdir(parents=True, exist_ok=True)
     previous = (root / "CURRENT").read_text().strip() if (root / "CURRENT").is_file() else None
     number = int(previous[1:]) + 1 if previous else 1
     name = f"v{number:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        np.save(tmp / "vectors.npy", vectors.astype(np.float32))
-        faiss.write_index(build_faiss(vectors, manifest["index_key"]), str(tmp / "index.faiss"))
+        np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
+        if faiss_index is None:
+            faiss_index = build_faiss(np.ascontiguousarray(vectors, dtype=np.float32), manifest["index_key"])
+        faiss.write_index(faiss_index, str(tmp / "index.faiss"))
         metadata.reset_index(drop=True).to_parquet(tmp / "metadata.parquet", index=False)
         compressor.save(tmp / "compressor.npz")
         for part, x in (raw or {}).items():
             np.save(tmp / f"raw_{part}.npy", x.astype(np.float16))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         final = root / name
-        if final.exists():
+        if final.exists():  # written by a run killed before it switched CURRENT
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
@@ -216,8 +245,9 @@ def write_snapshot(
 
 
 def load_raw(index: Index) -> dict[str, np.ndarray] | None:
-    """The uncompressed part vectors stored with a snapshot (None when not kept)."""
+    """The raw part vectors (float16) kept in a snapshot by indexes written before shards
+    existed (None when not kept)."""
     files = {p: index.snapshot / f"raw_{p}.npy" for p in index.slices}
     if not all(f.is_file() for f in files.values()):
         return None
-    return {p: np.load(f).astype(np.float32) for p, f in files.items()}
+    return {p: np.load(f, mmap_mode="r") for p, f in files.items()}

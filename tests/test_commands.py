@@ -136,9 +136,11 @@ def test_similar_html_is_self_contained(trained, tmp_path):
     assert len(r.stdout.strip().splitlines()) == 5  # 4 neighbours + the contact sheet line
 
 
-def test_stale_heads_are_refused_after_the_index_changes(trained, tmp_path):
+def test_heads_survive_an_add_and_are_refused_after_a_refit(trained, tmp_path):
     root, idx = trained
     import shutil
+
+    from stylegen.embed import build
 
     copy = tmp_path / "idx"
     shutil.copytree(idx, copy)
@@ -146,6 +148,8 @@ def test_stale_heads_are_refused_after_the_index_changes(trained, tmp_path):
     extra = root / "extra.csv"
     pd.DataFrame({"image": ["img/extra.png"], "genre": ["jazz"]}).to_csv(extra, index=False)
     stylegen.embed(extra, copy, workers=0, progress=False, precision="fp32")
+    assert Engine.open(copy).query(0).genres  # appended with the frozen compressor: heads still valid
+    build(copy, refit=True)
     with pytest.raises(stylegen.errors.IndexMismatchError, match="train"):
         Engine.open(copy).query(0)
 

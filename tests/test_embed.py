@@ -70,7 +70,7 @@ def test_interrupted_write_leaves_previous_index_intact(genre_folder, tmp_path, 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stylegen.store.build_faiss", crash)
+    monkeypatch.setattr("stylegen.store.faiss.write_index", crash)
     with pytest.raises(KeyboardInterrupt):
         run(genre_folder, tmp_path / "idx")
     monkeypatch.undo()
