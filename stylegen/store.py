@@ -32,30 +32,23 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from stylegen import ann
 from stylegen.compress import Compressor
 from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
 
 FORMAT_VERSION = 1
-EXACT_LIMIT = 100_000  # below this many vectors, exact search is fast and best
 
 
-def choose_index_key(n: int, dim: int) -> str:
-    """FAISS factory string for ``n`` vectors of ``dim``: exact when small, graph/IVF when large."""
-    if n < EXACT_LIMIT:
-        return "Flat"
-    if n < 2_000_000:
-        return "HNSW32"
-    nlist = int(4 * np.sqrt(n))
-    return f"IVF{nlist},Flat" if dim <= 512 else f"IVF{nlist},PQ{dim // 8}"
+def choose_index_key(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
+    """FAISS factory string for ``n`` vectors of ``dim`` within a memory budget (see ``ann.plan_index``)."""
+    return ann.plan_index(n, dim, max_memory_bytes).key
 
 
 def build_faiss(vectors: np.ndarray, key: str) -> faiss.Index:
-    index = faiss.index_factory(vectors.shape[1], key, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    return index
+    """Train, add and tune ``key`` on ``vectors``; the tuned search parameters are set on it
+    (``ann.build`` returns them too, for the manifest's ``search_params``)."""
+    return ann.build(vectors, key).index
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -102,13 +95,12 @@ class Index:
             metadata = pd.read_parquet(snap / "metadata.parquet")
             vectors = np.load(snap / "vectors.npy", mmap_mode="r")
             compressor = Compressor.load(snap / "compressor.npz")
-            index = faiss.read_index(str(snap / "index.faiss"))
+            index = ann.read_index(snap / "index.faiss", manifest.get("index_key", ""), manifest.get("search_params"))
         except (OSError, ValueError, RuntimeError) as exc:
             raise IndexNotFoundError(f"index at {root} is damaged: {exc}") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(f"index format {manifest.get('format_version')} is not supported")
-        if _want_gpu(use_gpu) and manifest["index_key"] == "Flat":
-            index = faiss.index_cpu_to_all_gpus(index)
+        index = ann.to_gpu(index, manifest.get("index_key", ""), use_gpu)
         return cls(root, snap, manifest, metadata, vectors, compressor, index)
 
     def __len__(self) -> int:
