@@ -348,8 +348,10 @@ def read_index(path: str | Path, key: str = "", params: dict[str, int] | None = 
     """Open an index file; IVF memory-mapped (its lists stay on disk, the OS caches what is
     read), on-disk lists looked up next to the file; stored search parameters applied."""
     flags = 0
-    if mmap and kind_of(key) == "ivfpq":
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR
+    if Path(path).with_suffix(".ivfdata").is_file():  # merged: lists already on disk, next to it
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # (adding IO_FLAG_MMAP here crashes faiss 1.15)
+    elif mmap and kind_of(key) == "ivfpq":
+        flags = faiss.IO_FLAG_MMAP
     return apply_params(faiss.read_index(str(path), flags), params)
 
 

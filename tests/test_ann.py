@@ -45,11 +45,11 @@ def test_index_choice_follows_size_and_memory_budget():
 
 
 def test_tuned_hnsw_and_ivfpq_reach_the_recall_target_on_fresh_queries(rng):
-    x, q = np.split(clustered(rng, 6200), [6000])  # q: fresh queries from the same clusters
+    x, q = np.split(clustered(rng, 6200, centres=10), [6000])  # q: fresh, from the same clusters
     _, truth = ann.exact_knn([x[:2500], x[2500:]], q, 10)  # shards: the same as one array
     assert (truth == faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]).mean() > 0.99
-    # PQ8 codes of 32 dims cap recall@10 near 0.62 here: the target must lie under that ceiling
-    for key, target in (("HNSW32", 0.95), ("IVF64,PQ8np", 0.55)):
+    # PQ8 codes of 32 dims cap recall@10 near 0.48 here (0.30 at nprobe=1): aim under the ceiling
+    for key, target in (("HNSW32", 0.95), ("IVF64,PQ8np", 0.45)):
         r = ann.build([x[:2500], x[2500:]], key, target_recall=target, n_queries=300)
         assert r.recall >= target, (key, r.params, r.recall)
         assert ann.recall_at(r.index.search(q, 10)[1], truth, 10) >= target - 0.05
@@ -76,8 +76,8 @@ def write_snapshot_by_hand(root, index_file, entry, vectors):
 
 
 def test_search_params_round_trip_through_the_manifest_and_ivf_opens_memory_mapped(tmp_path, rng):
-    x = clustered(rng, 5000)
-    r = ann.build(x, "IVF64,PQ8np", target_recall=0.55, n_queries=200)
+    x = clustered(rng, 5000, centres=10)
+    r = ann.build(x, "IVF64,PQ8np", target_recall=0.45, n_queries=200)
     entry = ann.write_index(r, tmp_path / "built.faiss")
     assert entry["search_params"] == r.params and entry["index_key"] == "IVF64,PQ8np"
     expected = r.index.search(x[:20], 10)
