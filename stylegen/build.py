@@ -165,7 +165,11 @@ def _append(index_dir: Path, existing: Index, shards: list[Shard], new_rows: pd.
     index = None
     if key == manifest["index_key"]:  # extend the live index rather than rebuild it
         index = faiss.read_index(str(existing.snapshot / "index.faiss"))
-        index.add(np.ascontiguousarray(new))
+        new_ids = np.arange(len(existing.vectors), len(vectors), dtype=np.int64)
+        if isinstance(index, faiss.IndexIDMap):  # tuned HNSW keeps row ids explicitly
+            index.add_with_ids(np.ascontiguousarray(new), new_ids)
+        else:
+            index.add(np.ascontiguousarray(new))
     manifest.update(
         count=int(vectors.shape[0]), index_key=key, ingest_id=index_ingest_id(existing),
         shards=[*manifest.get("shards", []), *fresh_names], updated=_now(),

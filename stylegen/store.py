@@ -37,30 +37,23 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from stylegen import ann
 from stylegen.compress import Compressor
 from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
 
 FORMAT_VERSION = 1
-EXACT_LIMIT = 100_000  # below this many vectors, exact search is fast and best
 
 
-def choose_index_key(n: int, dim: int) -> str:
-    """FAISS factory string for ``n`` vectors of ``dim``: exact when small, graph/IVF when large."""
-    if n < EXACT_LIMIT:
-        return "Flat"
-    if n < 2_000_000:
-        return "HNSW32"
-    nlist = int(4 * np.sqrt(n))
-    return f"IVF{nlist},Flat" if dim <= 512 else f"IVF{nlist},PQ{dim // 8}"
+def choose_index_key(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
+    """FAISS factory string for ``n`` vectors of ``dim`` within a memory budget (see ``ann.plan_index``)."""
+    return ann.plan_index(n, dim, max_memory_bytes).key
 
 
 def build_faiss(vectors: np.ndarray, key: str) -> faiss.Index:
-    index = faiss.index_factory(vectors.shape[1], key, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    return index
+    """Train, add and tune ``key`` on ``vectors``; the tuned search parameters are set on it
+    (``ann.build`` returns them too, for the manifest's ``search_params``)."""
+    return ann.build(vectors, key).index
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,13 +100,12 @@ class Index:
             metadata = pd.read_parquet(snap / "metadata.parquet")
             vectors = np.load(snap / "vectors.npy", mmap_mode="r")
             compressor = Compressor.load(snap / "compressor.npz")
-            index = faiss.read_index(str(snap / "index.faiss"))
+            index = ann.read_index(snap / "index.faiss", manifest.get("index_key", ""), manifest.get("search_params"))
         except (OSError, ValueError, RuntimeError) as exc:
             raise IndexNotFoundError(f"index at {root} is damaged: {exc}") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(f"index format {manifest.get('format_version')} is not supported")
-        if _want_gpu(use_gpu) and manifest["index_key"] == "Flat":
-            index = faiss.index_cpu_to_all_gpus(index)
+        index = ann.to_gpu(index, manifest.get("index_key", ""), use_gpu)
         return cls(root, snap, manifest, metadata, vectors, compressor, index)
 
     def __len__(self) -> int:
@@ -173,7 +165,8 @@ class Index:
         q = self.part_vectors(np.atleast_2d(vectors), by)
         k = min(k, len(self))
         if by == "both":
-            return self.faiss_index.search(q, k)
+            return ann.refine_search(self.faiss_index, q, k, self.vectors,
+                                     ann.refine_factor(self.manifest.get("index_key", "Flat")))
         if by not in self._part_indexes:
             self._part_indexes[by] = build_faiss(self.part_vectors(self.vectors, by), "Flat")
         return self._part_indexes[by].search(q, k)
@@ -223,7 +216,9 @@ def write_snapshot(
     try:
         np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
         if faiss_index is None:
-            faiss_index = build_faiss(np.ascontiguousarray(vectors, dtype=np.float32), manifest["index_key"])
+            built = ann.build(np.ascontiguousarray(vectors, dtype=np.float32), manifest["index_key"])
+            faiss_index = built.index
+            manifest = {**manifest, **built.manifest_entry()}
         faiss.write_index(faiss_index, str(tmp / "index.faiss"))
         metadata.reset_index(drop=True).to_parquet(tmp / "metadata.parquet", index=False)
         compressor.save(tmp / "compressor.npz")
