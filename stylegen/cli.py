@@ -353,6 +353,62 @@ def build_index(
         typer.echo(f"the vectors changed: train the heads again (stylegen train --index {index})")
 
 
+@app.command()
+def duplicates(
+    index: IndexDir = Path("indexes/default"),
+    threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which two covers are near-duplicates (0.90).")] = None,
+    by: Annotated[str, typer.Option(help="style | content | both")] = "both",
+    against: Annotated[Path | None, typer.Option(help="Another index: report only pairs across the two collections.")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write one row per cover of each group here.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained page of the groups here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Groups of near-duplicate covers (rescans, re-encodes, stickers, borders)."""
+    from stylegen.duplicates import DEFAULT_THRESHOLD, find_duplicates, group_table, groups_html
+    from stylegen.store import Index
+
+    idx, other = Index.open(index), Index.open(against) if against is not None else None
+    dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)
+    table = group_table(dups, idx, other)
+    for path, text in ((csv, lambda: table.to_csv(index=False)), (html, lambda: groups_html(table, dups))):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text(), encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps({"summary": dups.summary(), "groups": _jsonable(
+            [g.drop(columns="group").to_dict("records") for _, g in table.groupby("group")])}, indent=2, default=str))
+        return
+    typer.echo(dups.summary())
+    for g, members in list(table.groupby("group"))[:20]:
+        typer.echo(f"{g:4d}. " + "  ".join(f"#{m.id} {Path(str(m.image)).name}" for m in members.itertuples()))
+
+
+@app.command("map")
+def map_(
+    index: IndexDir = Path("indexes/default"),
+    out: Annotated[Path, typer.Option(help="The self-contained HTML page to write.")] = Path("map.html"),
+    by: Annotated[str, typer.Option(help="style | content | both")] = "both",
+    png: Annotated[Path | None, typer.Option(help="Also write a PNG scatter plot here.")] = None,
+    color: Annotated[str, typer.Option(help="genre | predicted (needs trained heads)")] = "genre",
+    server: Annotated[str, typer.Option(help="Where `stylegen serve` runs: clicking a cover opens its similar covers there.")] = "http://127.0.0.1:8000",
+    method: Annotated[str, typer.Option(help="auto (UMAP when installed, else t-SNE) | umap | tsne")] = "auto",
+) -> None:
+    """A 2-D map of the collection (HTML page with thumbnails, optional PNG)."""
+    from stylegen.engine import Engine
+    from stylegen.maps import build_map, map_html, map_png, predicted_labels
+
+    engine = Engine.open(index, device="cpu")
+    predicted = predicted_labels(engine)
+    payload = build_map(engine.index, by, predicted, color, link=server.rstrip("/") + "/?id=", method=method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(map_html(payload), encoding="utf-8")
+    if png is not None:
+        map_png(payload, png)
+    typer.echo(f"{payload['count']:,} covers laid out by {by} with {payload['method']} in "
+               f"{payload['layout_seconds']:.1f} s; wrote {out} ({out.stat().st_size / 1e6:.1f} MB)"
+               + (f" and {png}" if png else ""))
+
+
 def main() -> None:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     try:

@@ -446,6 +446,20 @@ def create_app(
     def page() -> Response:
         return static_response("index.html")
 
+    maps: dict[str, dict] = {}  # by -> the map's data, laid out once per app
+
+    @app.get("/api/map", summary="2-D map of the collection (positions, genres, titles)")
+    def map_data(by: Annotated[By, Query()] = "both") -> dict:
+        from stylegen.maps import map_for_engine
+
+        if by not in maps:
+            maps[by] = locked(map_for_engine, engine, by)
+        return maps[by]
+
+    @app.get("/map", response_class=HTMLResponse, include_in_schema=False)
+    def map_page() -> Response:
+        return static_response("map.html")
+
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str) -> Response:
         if name not in static:

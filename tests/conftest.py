@@ -80,3 +80,24 @@ def add_bad_files(folder: Path) -> dict[str, str]:
 
 def needs_real_data(path: Path = COVERS_CSV):
     return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data)")
+
+
+def write_index(root: Path, raw: dict[str, np.ndarray], metadata, dims: int = 8, **manifest) -> Path:
+    """An index on disk from given raw part vectors (no model): PCA to ``dims`` per part,
+    combined and written with the store's own writer. Manifest fields can be overridden."""
+    from stylegen.compress import Compressor, combine
+    from stylegen.config import CompressionConfig, EmbedConfig, FeatureConfig
+    from stylegen.store import FORMAT_VERSION, choose_index_key, write_snapshot
+
+    config = EmbedConfig(features=FeatureConfig(parts=tuple(raw)),
+                         compression=CompressionConfig(dims={p: dims for p in raw}))
+    compressor = Compressor.fit(raw, config.compression)
+    vectors, slices = combine(compressor.transform(raw), config.features.weights)
+    digest = str(abs(hash(tuple(float(p.mean.sum()) for p in compressor.parts.values()))))[:16]
+    full = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "parts": list(slices),
+            "slices": {p: list(s) for p, s in slices.items()}, "dims": compressor.dims,
+            "dim": int(vectors.shape[1]), "count": len(vectors), "feature_id": digest,
+            "index_key": choose_index_key(*vectors.shape), "metric": "inner_product",
+            "backbone": {"name": "planted", "weights_id": "planted", "taps": [], "image_size": 32,
+                         "mean": [0.5] * 3, "std": [0.5] * 3}, **manifest}
+    return write_snapshot(root, full, vectors, metadata, compressor, raw)

@@ -241,6 +241,8 @@
       els.info.textContent = parts.join(" · ");
       if (info.limits && info.limits.max_upload_bytes) maxUploadBytes = info.limits.max_upload_bytes;
       setStatus("ready", "Ready: drop a cover or choose a file.");
+      const linked = new URLSearchParams(window.location.search).get("id"); // from the map: /?id=N
+      if (linked !== null && /^\d+$/.test(linked)) run({ kind: "id", id: Number(linked) }, true);
     })
     .catch((err) => setStatus("error", `Index info unavailable: ${err.message}`));
 })();
