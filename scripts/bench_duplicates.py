@@ -4,8 +4,8 @@ From the real covers, two disjoint seeded samples are drawn: ``--tune`` covers (
 threshold of each method is chosen on them: best F1 of the found pairs) and ``--report``
 covers (the figures reported, at the chosen thresholds). Each sampled cover gets 8 altered
 copies (see ``ALTERATIONS``; saved as JPEG q92 except ``jpeg15``), which are embedded into a
-copy of an index of all the covers with ``stylegen.embed`` (incremental, as a user would
-add them). Then:
+new index made of an index of all the covers plus the copies, embedded like queries (the
+collection's backbone and its stored compressor; see ``add_copies``). Then:
 
 * stylegen: ``duplicates.find_duplicates`` over the whole index (originals + copies), by
   style, content and both;
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -155,6 +154,48 @@ def compute_phashes(paths: list[str]) -> np.ndarray:
     return codes
 
 
+def add_copies(base: Index, csv: Path, out: Path, pending: Path | None) -> Index:
+    """A new index at ``out``: ``base``'s covers plus the copies listed in ``csv``, embedded
+    like queries (``Engine.query_many``: the base's backbone and stored compressor, no refit).
+    ``pending``: reuse raw features checkpointed by an earlier ``stylegen embed`` of the same
+    copies (``DIR/pending/chunk-*.npz``) instead of running the backbone again."""
+    from stylegen import images
+    from stylegen.compress import combine
+    from stylegen.engine import Engine
+    from stylegen.store import Index, write_snapshot
+
+    if (out / "CURRENT").is_file():
+        return Index.open(out)
+    copies = pd.read_csv(csv)
+    copies["path"] = [str(csv.parent / p) for p in copies["image"]]
+    copies["content_hash"] = [images.hash_bytes(images.read_bytes(p)) for p in copies["path"]]
+    t = time.perf_counter()
+    if pending is not None:
+        raw: dict[str, list] = {}
+        hashes: list[str] = []
+        for chunk in sorted(pending.glob("chunk-*.npz")):
+            with np.load(chunk) as z:
+                hashes += [str(h) for h in z["hashes"]]
+                for p in base.slices:
+                    raw.setdefault(p, []).append(z[f"raw_{p}"].astype(np.float32))
+        pos = {h: i for i, h in enumerate(hashes)}
+        keep = [h in pos for h in copies["content_hash"]]
+        copies = copies[keep].reset_index(drop=True)
+        order = [pos[h] for h in copies["content_hash"]]
+        parts = {p: np.concatenate(v)[order] for p, v in raw.items()}
+        vectors, _ = combine(base.compressor.transform(parts), base.config.features.weights)
+        print(f"{len(copies)} copies from checkpointed raw features ({sum(not k for k in keep)} not embedded)")
+    else:
+        results, bad = Engine(base, device="auto").query_many(copies["path"].tolist(), classify=False)
+        assert not bad, bad
+        vectors = np.stack([r.vector for r in results])
+        print(f"embedded {len(copies)} copies in {time.perf_counter() - t:.0f} s")
+    meta = pd.concat([base.metadata, copies], ignore_index=True)
+    manifest = {**base.manifest, "count": len(meta)}
+    write_snapshot(out, manifest, np.concatenate([np.asarray(base.vectors), vectors]), meta, base.compressor, None)
+    return Index.open(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, required=True, help="index of all the covers (copied, never changed)")
@@ -163,9 +204,10 @@ def main() -> None:
     ap.add_argument("--report", type=int, default=300)
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    ap.add_argument("--pending", type=Path, default=None,
+                    help="reuse raw features of the copies checkpointed by an interrupted stylegen embed")
     args = ap.parse_args()
 
-    import stylegen
     from stylegen.duplicates import DEFAULT_THRESHOLD, find_duplicates
     from stylegen.store import Index
 
@@ -179,13 +221,7 @@ def main() -> None:
         t = time.perf_counter()
         make_copies(sample, args.work, args.seed)
         print(f"made {8 * len(sample)} copies in {time.perf_counter() - t:.0f} s")
-    idx_dir = args.work / "index"
-    if not idx_dir.exists():
-        shutil.copytree(args.index, idx_dir, ignore=shutil.ignore_patterns("heads", "pending"))
-    t = time.perf_counter()
-    report = stylegen.embed(csv, idx_dir, workers=0, progress=False)
-    print(report.summary(), f"({time.perf_counter() - t:.0f} s)")
-    index = Index.open(idx_dir)
+    index = add_copies(Index.open(args.index), csv, args.work / "combined", args.pending)
     meta = index.metadata.copy()
     orig_row = {img: i for i, img in enumerate(meta["image"]) if not str(img).startswith("img/")}
     meta["family_id"] = [orig_row[f] if isinstance(f, str) else i for i, f in enumerate(meta["family"])]

@@ -135,6 +135,7 @@ def classify(
     tabular_columns: TabularColumns = None,
     tabular_key: TabularKey = "image",
     device: Device = "auto",
+    explain: Annotated[bool, typer.Option("--explain", help="Show the kNN voters and each tap layer's share.")] = False,
 ) -> None:
     """Top genres (with the hierarchical path) for each IMAGE."""
     from stylegen.engine import Engine
@@ -142,13 +143,17 @@ def classify(
     engine = Engine.open(index, device=device)
     keys = [str(p) for p in image]
     table = engine.tabular_for(keys, tabular, _columns(tabular_columns), tabular_key) if tabular else None
-    results, bad = engine.query_many(image, top=top, method=method, tabular=table)
+    results, bad = engine.query_many(image, top=top, method=method, tabular=table, explain=explain)
     if as_json:
         typer.echo(json.dumps({"results": [r.to_dict() for r in results], "skipped": bad}, indent=2))
     for r in results if not as_json else []:
         shown = ", ".join(f"{g['genre']} {g['probability']:.2f}" + (f" ({' › '.join(g['path'])})" if len(g["path"]) > 1 else "")
                           for g in r.genres)
         typer.echo(f"{r.label}: {shown}" + ("  [in the index: its own vote left out]" if r.in_index else ""))
+        if r.explanation is not None:
+            from stylegen.explain import format_explanation
+
+            typer.echo(format_explanation(r.explanation))
     _report_skipped(bad, len(results))
 
 

@@ -62,6 +62,7 @@ class QueryResult:
     genres: list[dict[str, Any]] = field(default_factory=list)
     levels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     neighbours: list[dict[str, Any]] = field(default_factory=list)
+    explanation: dict[str, Any] | None = None  # query(explain=True): see stylegen.explain
 
     @property
     def in_index(self) -> bool:
@@ -73,6 +74,8 @@ class QueryResult:
             out.update(method=self.method, genres=self.genres, levels=self.levels)
         if self.neighbours:
             out["neighbours"] = self.neighbours
+        if self.explanation is not None:
+            out["explanation"] = self.explanation
         return out
 
 
@@ -104,7 +107,7 @@ class Engine:
     # ---- the one query path ------------------------------------------------------------
     def query(self, item: QueryItem, *, top: int = 3, method: str | None = None, k: int = 0,
               by: str = "both", classify: bool = True, tabular: np.ndarray | None = None,
-              label: str | None = None) -> QueryResult:
+              label: str | None = None, explain: bool = False) -> QueryResult:
         """Genres (``classify``) and ``k`` nearest covers (by ``by``) of one item.
 
         Raises :class:`BadImageError` for an unreadable image and
@@ -112,7 +115,7 @@ class Engine:
         """
         results, bad = self.query_many([item], top=top, method=method, k=k, by=by, classify=classify,
                                        tabular=tabular, labels=None if label is None else [label],
-                                       keep_errors=True)
+                                       keep_errors=True, explain=explain)
         if bad:
             exc = bad[0]["error"]
             raise type(exc)(f"{bad[0]['image']}: {exc}")
@@ -121,9 +124,11 @@ class Engine:
     def query_many(self, items: Sequence[QueryItem], *, top: int = 3, method: str | None = None,
                    k: int = 0, by: str = "both", classify: bool = True,
                    tabular: np.ndarray | None = None, labels: Sequence[str] | None = None,
-                   batch_size: int = 32, keep_errors: bool = False) -> tuple[list[QueryResult], list[dict[str, Any]]]:
+                   batch_size: int = 32, keep_errors: bool = False,
+                   explain: bool = False) -> tuple[list[QueryResult], list[dict[str, Any]]]:
         """:meth:`query` for many items; unreadable ones are skipped and returned as
-        ``[{"image", "reason"}]``. ``tabular`` has one row per item (hybrid heads)."""
+        ``[{"image", "reason"}]``. ``tabular`` has one row per item (hybrid heads).
+        ``explain``: fill each result's ``explanation`` (kNN voters, per-tap leave-out)."""
         if by not in BY:
             raise StylegenError(f"by must be one of {', '.join(BY)}, got {by!r}")
         if tabular is not None and len(tabular) != len(items):
@@ -145,6 +150,12 @@ class Engine:
                 r.method, r.proba, r.classes = used, p, classes
                 described = self.describe(p, classes, top)
                 r.genres, r.levels = described["genres"], described.get("levels", {})
+        if explain and classify:
+            from stylegen.explain import explain as explain_one, stored_raw
+
+            for r, it in zip(results, good, strict=True):
+                raw = stored_raw(self, it.row) if it.row is not None else self.featurizer(it.pixels[None])
+                r.explanation = explain_one(self, r.vector, r.proba, r.classes, r.method, it.row, raw)
         if k > 0:
             for r, hits in zip(results, self.neighbours(vectors, k, by, rows), strict=True):
                 r.neighbours = hits

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import IO, Annotated, Any, Literal, Protocol, TypeVar
 
-from fastapi import FastAPI, File, Form, Path, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -290,6 +290,8 @@ def with_query_bodies(schema: dict[str, Any], bodies: dict[str, dict[str, Any]])
     return schema
 
 
+EXPLAIN_FIELD = {"explain": {"type": "boolean", "default": False,
+                             "description": "add the kNN voters and each tap layer's share"}}
 TOP_FIELD = {"top": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3}}
 METHOD_FIELD = {"method": {"type": "string", "enum": ["head", "knn", "ensemble"],
                            "description": "default: the index's validated best"}}
@@ -385,6 +387,7 @@ def create_app(
         cover_id: IdForm = None,
         top: Annotated[int, Form(ge=1, le=100)] = 3,
         method: Annotated[Method | None, Form()] = None,
+        explain: Annotated[bool, Form()] = False,
     ) -> dict:
         """Upload a cover as ``image`` or name one in the index with ``id``; ``top`` genres.
 
@@ -392,9 +395,12 @@ def create_app(
         ...], "levels": {level: [{"genre", "probability"}, ...]}}``. A cover of the index
         (uploaded or by id) is answered from its stored vector, its own vote left out.
         """
-        query, result = run_query(image, cover_id, top=top, method=method)
-        return {"query": query, "method": result.method, "genres": to_plain(result.genres),
-                "levels": to_plain(result.levels)}
+        query, result = run_query(image, cover_id, top=top, method=method, explain=explain)
+        answer = {"query": query, "method": result.method, "genres": to_plain(result.genres),
+                  "levels": to_plain(result.levels)}
+        if result.explanation is not None:  # explain=true: kNN voters and per-tap shares
+            answer["explanation"] = to_plain(result.explanation)
+        return answer
 
     @app.post("/similar", summary="Covers that look alike",
               responses=_error_responses(400, 404, 413, 415, 422, 500))
@@ -469,7 +475,7 @@ def create_app(
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = with_query_bodies(FastAPI.openapi(app), {
-                "/classify": _query_body({**TOP_FIELD, **METHOD_FIELD}),
+                "/classify": _query_body({**TOP_FIELD, **METHOD_FIELD, **EXPLAIN_FIELD}),
                 "/similar": _query_body(SIMILAR_FIELDS)})
         return app.openapi_schema
 

@@ -19,6 +19,7 @@
     bars: $("#genre-bars"),
     levels: $("#levels"),
     grid: $("#similar-grid"),
+    explain: $("#explain"),
   };
 
   let maxUploadBytes = Infinity;
@@ -125,6 +126,28 @@
     }
   }
 
+  // explanation: one bar per tap layer (its share of the predicted genre's probability)
+  // and the covers that carried the kNN vote, with their weights
+  function renderExplain(result) {
+    const e = result.explanation;
+    els.explain.replaceChildren();
+    if (!e) return;
+    els.explain.append(el("p", "muted", `${e.genre}: share of each tap layer (leave one out)`));
+    for (const t of e.taps || []) {
+      const row = bar("tap-bar", t.tap, t.share);
+      row.dataset.tap = t.tap;
+      row.title = `${t.tap}: without it p(${e.genre}) = ${percent(t.probability_without)}`;
+      els.explain.append(row);
+    }
+    if (e.note) els.explain.append(el("p", "muted", e.note));
+    if ((e.voters || []).length) els.explain.append(el("p", "muted", "Voters (kNN weight)"));
+    for (const v of (e.voters || []).slice(0, 5)) {
+      const row = bar("voter-bar", `#${v.id} ${v.genre}`, v.weight);
+      row.dataset.id = String(v.id);
+      els.explain.append(row);
+    }
+  }
+
   function card(item) {
     const button = el("button", "cover-card");
     button.type = "button";
@@ -179,11 +202,12 @@
     const params = { k: Math.max(1, Number(els.k.value) || 12), by: els.by.value };
     try {
       const [genres, similar] = await Promise.all([
-        withGenres ? postQuery("/classify", query, { top: TOP_GENRES }) : null,
+        withGenres ? postQuery("/classify", query, { top: TOP_GENRES, explain: true }) : null,
         postQuery("/similar", query, params),
       ]);
       if (mine !== sequence) return;
       if (genres) renderGenres(genres);
+      if (genres) renderExplain(genres);
       renderSimilar(similar, query);
       els.caption.textContent = describe(query, similar);
       const ms = Math.round(performance.now() - started);
