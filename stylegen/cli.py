@@ -361,7 +361,7 @@ def build_index(
 @app.command()
 def duplicates(
     index: IndexDir = Path("indexes/default"),
-    threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which two covers are near-duplicates (0.90).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which two covers are near-duplicates (0.70, chosen on planted copies).")] = None,
     by: Annotated[str, typer.Option(help="style | content | both")] = "both",
     against: Annotated[Path | None, typer.Option(help="Another index: report only pairs across the two collections.")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write one row per cover of each group here.")] = None,
