@@ -398,7 +398,7 @@ def create_app(
         query, result = run_query(image, cover_id, top=top, method=method, explain=explain)
         answer = {"query": query, "method": result.method, "genres": to_plain(result.genres),
                   "levels": to_plain(result.levels)}
-        if result.explanation is not None:  # explain=true: kNN voters and per-tap shares
+        if getattr(result, "explanation", None) is not None:  # explain=true: voters, per-tap shares
             answer["explanation"] = to_plain(result.explanation)
         return answer
 

@@ -296,7 +296,7 @@ def test_openapi_declares_bodies_and_errors(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/similar", "/covers/{cover_id}", "/api/info", "/healthz"} <= set(paths)
-    fields = {"/classify": {"top", "method"}, "/similar": {"k", "by"}}
+    fields = {"/classify": {"top", "method", "explain"}, "/similar": {"k", "by"}}
     for path, extra in fields.items():
         operation = paths[path]["post"]
         body = operation["requestBody"]
