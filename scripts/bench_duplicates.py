@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from stylegen.store import Index
+
 COVERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "covers" / "covers.csv"
 
 
@@ -166,7 +168,7 @@ def add_copies(base: Index, csv: Path, out: Path, pending: Path | None) -> Index
     from stylegen import images
     from stylegen.compress import combine
     from stylegen.engine import Engine
-    from stylegen.store import Index, write_snapshot
+    from stylegen.store import write_snapshot
 
     if (out / "CURRENT").is_file():
         return Index.open(out)
@@ -213,7 +215,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from stylegen.duplicates import DEFAULT_THRESHOLD, find_duplicates
-    from stylegen.store import Index
 
     print(subprocess.run("grep -m1 'model name' /proc/cpuinfo; uptime", shell=True, capture_output=True, text=True).stdout)
     covers = pd.read_csv(COVERS)
@@ -264,7 +265,7 @@ def main() -> None:
     codes = np.load(cache) if cache.is_file() else compute_phashes(paths)
     np.save(cache, codes)
     print(f"phash of {len(paths)} images in {time.perf_counter() - t:.0f} s")
-    scan = {d: evaluate(*phash_pairs(codes, d), meta, "tune") for d in range(0, 25)}
+    scan = {d: evaluate(*phash_pairs(codes, d), meta, "tune") for d in range(25)}
     best_d = max(scan, key=lambda d: f1(scan[d]))
     results["phash"] = {"tune_best_distance": best_d, "tune_best_f1": f1(scan[best_d]),
                         "tune_f1_by_distance": {d: round(f1(v), 4) for d, v in scan.items()},

@@ -380,8 +380,8 @@ def duplicates(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text(), encoding="utf-8")
     if as_json:
-        typer.echo(json.dumps({"summary": dups.summary(), "groups": _jsonable(
-            [g.drop(columns="group").to_dict("records") for _, g in table.groupby("group")])}, indent=2, default=str))
+        groups = [json.loads(g.drop(columns="group").to_json(orient="records")) for _, g in table.groupby("group")]
+        typer.echo(json.dumps({"summary": dups.summary(), "groups": groups}, indent=2))
         return
     typer.echo(dups.summary())
     for g, members in list(table.groupby("group"))[:20]:

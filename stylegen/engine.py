@@ -151,7 +151,8 @@ class Engine:
                 described = self.describe(p, classes, top)
                 r.genres, r.levels = described["genres"], described.get("levels", {})
         if explain and classify:
-            from stylegen.explain import explain as explain_one, stored_raw
+            from stylegen.explain import explain as explain_one
+            from stylegen.explain import stored_raw
 
             for r, it in zip(results, good, strict=True):
                 raw = stored_raw(self, it.row) if it.row is not None else self.featurizer(it.pixels[None])

@@ -84,7 +84,7 @@ def test_against_reprojects_the_other_collection(tmp_path: Path, rng):
 
 
 def test_cli_writes_csv_and_html_and_refuses_a_bad_threshold(tmp_path: Path, rng):
-    raw, extra = planted_raw(rng, 40, {2: 2})
+    raw, _ = planted_raw(rng, 40, {2: 2})
     write_index(tmp_path / "idx", raw, meta(42), dims=16)
     runner = CliRunner()
     out = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--csv", str(tmp_path / "d.csv"),
@@ -136,3 +136,14 @@ def test_altered_real_covers_are_found(tmp_path: Path):
     assert len(found) == 24 and true.mean() >= 0.95  # precision of the found pairs
     assert np.mean(found) >= 0.8  # at least 80% of the (original, copy) pairs are found
     assert sum(len(set(family[g])) == 1 for g in dups.groups) >= 5  # groups are families
+
+
+def test_cli_json(tmp_path: Path, rng):
+    import json
+
+    raw, _ = planted_raw(rng, 30, {4: 1})
+    write_index(tmp_path / "idx", raw, meta(31), dims=16)
+    out = CliRunner().invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--json"])
+    assert out.exit_code == 0, out.output
+    groups = json.loads(out.output)["groups"]
+    assert [[m["id"] for m in g] for g in groups] == [[4, 30]]
