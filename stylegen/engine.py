@@ -155,7 +155,7 @@ class Engine:
             from stylegen.explain import stored_raw
 
             for r, it in zip(results, good, strict=True):
-                raw = stored_raw(self, it.row) if it.row is not None else self.featurizer(it.pixels[None])
+                raw = stored_raw(self, it.row) if it.row is not None else self.featurizer(np.array(it.pixels[None]))
                 r.explanation = explain_one(self, r.vector, r.proba, r.classes, r.method, it.row, raw)
         if k > 0:
             for r, hits in zip(results, self.neighbours(vectors, k, by, rows), strict=True):
