@@ -17,8 +17,8 @@ exactly like the index's vectors, and scored by the same head. ``delta`` = p(ful
 p(without the tap); ``share`` = the tap's positive delta over the sum of positive deltas
 (0 for every tap when none is positive). Replacing by the mean, rather than zeroing, keeps
 the vector near the data the heads were trained on (a zero block is far from any cover).
-The raw style vector of a cover of the index is its stored ``raw_style.npy`` row; a new
-image is featurized once more.
+The raw style vector of a cover of the index is its ``raw_style.npy`` row when the snapshot
+keeps one, else its image file is featurized again; a new image is featurized once more.
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ def tap_channels(engine: Any) -> list[int]:
 def stored_raw(engine: Any, row: int) -> dict[str, np.ndarray] | None:
     """The raw part vectors of one cover of the index (None when the index keeps none)."""
     files = {p: engine.index.snapshot / f"raw_{p}.npy" for p in engine.index.slices}
-    if not all(f.is_file() for f in files.values()):
-        return None
+    if not all(f.is_file() for f in files.values()):  # raw parts live in shards: featurize the file
+        from stylegen import images
+
+        path = engine.index.rows([row])["path"].iloc[0]
+        try:
+            pixels = images.prepare(str(path), engine.index.preprocess)
+        except (OSError, StylegenError):
+            return None
+        return engine.featurizer(np.array(pixels[None]))
     return {p: np.asarray(np.load(f, mmap_mode="r")[row : row + 1], np.float32) for p, f in files.items()}
 
 
