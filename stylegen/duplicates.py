@@ -2,7 +2,7 @@
 
 Pairs are found with FAISS, never with an n x n matrix: an exact range search
 (every pair with cosine similarity >= ``threshold``) on collections below
-``store.EXACT_LIMIT`` covers, a k-NN search filtered by the threshold above it (the
+``EXACT_LIMIT`` (100k) covers, a k-NN search filtered by the threshold above it (the
 graph index; each cover then links to at most ``k`` others, and groups still form
 through chains). Pairs are grouped into connected components (union-find).
 
@@ -34,9 +34,10 @@ from scipy.sparse.csgraph import connected_components
 
 from stylegen.compress import combine
 from stylegen.errors import IndexMismatchError, StylegenError
-from stylegen.store import EXACT_LIMIT, Index, _config_diff, load_raw
+from stylegen.store import Index, _config_diff, load_raw
 
 DEFAULT_THRESHOLD = 0.70
+EXACT_LIMIT = 100_000  # below this many covers, exact range search
 DEFAULT_K = 20  # neighbours per cover when the collection is too large for exact range search
 BATCH = 4096  # queries per FAISS call (bounds the memory of one range search)
 SAME_SETTINGS = ("backbone", "features")  # what two collections must share to be compared
