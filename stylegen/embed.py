@@ -31,6 +31,8 @@ from stylegen.compress import Compressor, combine
 from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.features import Featurizer
+from stylegen.runtime import GraphFeaturizer
+from stylegen.runtime import load_featurizer as load_runtime_featurizer
 from stylegen.store import FORMAT_VERSION, Index, choose_index_key, load_raw, write_snapshot
 
 PENDING = "pending"
@@ -62,45 +64,12 @@ class EmbedReport:
         )
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StylegenError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on GPUs and on CPUs with AVX-512 bf16/AMX, else fp32."""
-    if precision != "auto":
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise StylegenError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
 def load_featurizer(
-    config: EmbedConfig, device: str = "auto", precision: str = "auto", channels_last: bool = True
-) -> Featurizer:
-    """Build the backbone and feature extractor that ``config`` describes."""
-    dev = resolve_device(device)
-    return Featurizer(
-        backbone=backbones.build(config.backbone),
-        config=config.features,
-        device=dev,
-        precision=resolve_precision(precision, dev),
-        channels_last=channels_last,
-    )
+    config: EmbedConfig, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+    runtime: str = "auto",
+) -> Featurizer | GraphFeaturizer:
+    """Build the feature extractor that ``config`` describes (see :func:`runtime.load_featurizer`)."""
+    return load_runtime_featurizer(config, device, precision, channels_last, runtime)
 
 
 class _Reader(Dataset):
@@ -185,6 +154,7 @@ def embed(
     workers: int | None = None,
     precision: str = "auto",
     channels_last: bool = True,
+    runtime: str = "auto",
     checkpoint_every: int = 1024,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     progress: bool = True,
@@ -202,7 +172,7 @@ def embed(
     with _exclusive(index_dir):
         return _embed_locked(items, index_dir, config, t0, device=device, batch_size=batch_size,
                              workers=workers, precision=precision, channels_last=channels_last,
-                             checkpoint_every=checkpoint_every, max_pixels=max_pixels, progress=progress)
+                             runtime=runtime, checkpoint_every=checkpoint_every, max_pixels=max_pixels, progress=progress)
 
 
 def default_workers(device_type: str, cpus: int | None = None) -> int:
@@ -238,7 +208,8 @@ def _exclusive(index_dir: Path) -> Iterator[None]:
 
 def _embed_locked(
     items: pd.DataFrame, index_dir: Path, config: EmbedConfig | None, t0: float, *, device: str,
-    batch_size: int | None, workers: int | None, precision: str, channels_last: bool, checkpoint_every: int,
+    batch_size: int | None, workers: int | None, precision: str, channels_last: bool, runtime: str,
+    checkpoint_every: int,
     max_pixels: int, progress: bool,
 ) -> EmbedReport:
     existing, config = _open_existing(index_dir, config)
@@ -258,7 +229,7 @@ def _embed_locked(
     featurizer = None
     pending = index_dir / PENDING
     if len(todo):
-        featurizer = load_featurizer(config, device, precision, channels_last)
+        featurizer = load_featurizer(config, device, precision, channels_last, runtime)
         cid = _config_id(config, featurizer.backbone.weights_id)
         if existing is not None and existing.manifest["backbone"]["weights_id"] != featurizer.backbone.weights_id:
             raise IndexMismatchError(f"index {index_dir} was built with other backbone weights")
@@ -293,7 +264,7 @@ def _embed_locked(
 
 
 def _run(
-    featurizer: Featurizer, run: pd.DataFrame, pending: Path, batch_size: int, workers: int,
+    featurizer: Featurizer | GraphFeaturizer, run: pd.DataFrame, pending: Path, batch_size: int, workers: int,
     checkpoint_every: int, max_pixels: int, progress: bool,
 ) -> tuple[list[str], dict[str, list[np.ndarray]], list[dict[str, str]]]:
     """Embed ``run``'s images, checkpointing every ``checkpoint_every``; return hashes, raw, bad."""
@@ -334,7 +305,7 @@ def _flush(pending: Path, chunk_hashes: list[str], chunk_raw: dict[str, list[np.
 
 
 def _commit(
-    index_dir: Path, config: EmbedConfig, featurizer: Featurizer, existing: Index | None,
+    index_dir: Path, config: EmbedConfig, featurizer: Featurizer | GraphFeaturizer, existing: Index | None,
     items: pd.DataFrame, new_hashes: list[str], new_raw: dict[str, list[np.ndarray]],
 ) -> None:
     """Refit compression on the whole collection and write a new snapshot."""
@@ -355,7 +326,7 @@ def _commit(
     write_snapshot(index_dir, manifest, vectors, meta, compressor, raw if keep_raw else None)
 
 
-def _manifest(config: EmbedConfig, featurizer: Featurizer, compressor: Compressor,
+def _manifest(config: EmbedConfig, featurizer: Featurizer | GraphFeaturizer, compressor: Compressor,
               vectors: np.ndarray, slices: dict[str, tuple[int, int]]) -> dict[str, Any]:
     import faiss
     import sklearn
@@ -382,6 +353,7 @@ def _manifest(config: EmbedConfig, featurizer: Featurizer, compressor: Compresso
         "index_key": choose_index_key(*vectors.shape),
         "metric": "inner_product",
         "precision": featurizer.precision,
+        "runtime": featurizer.runtime,
         "feature_id": feature_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"stylegen": stylegen.__version__, "torch": torch.__version__,
