@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: rendering it with rich imports ~0.35 s of modules
     help="Judge an album by its cover: genres and similar covers from style features.",
 )
 
@@ -56,6 +57,8 @@ def embed(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Forward batch (default: 16 on CPU, 64 on GPU).")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: by device and cores).")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    runtime: Annotated[str, typer.Option(
+        help="auto | torch | onnx | openvino (auto: torch on a GPU, the fastest installed on a CPU).")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Embed every new image of SOURCE into the index (resumable, incremental)."""
@@ -74,7 +77,7 @@ def embed(
                                           whiten=whiten),
         )
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
-                       precision=precision, progress=progress)
+                       precision=precision, runtime=runtime, progress=progress)
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")

@@ -345,7 +345,12 @@ def load_featurizer(config: EmbedConfig, device: str = "auto", precision: str = 
     dev = resolve_device(device)
     chosen = resolve_runtime(runtime, dev, config)
     if chosen in EXPORTED:
-        return load_graph_featurizer(config, chosen, precision)
+        try:
+            return load_graph_featurizer(config, chosen, precision)
+        except ImportError as exc:  # the exporter's ``onnx`` package is missing
+            if runtime != "auto":
+                raise StylegenError(f"cannot export the featurizer for {chosen}: {exc}") from None
+            warnings.warn(f"falling back to torch: cannot export the featurizer ({exc})", stacklevel=2)
     import torch
 
     from stylegen.features import Featurizer
