@@ -73,8 +73,10 @@ def main() -> None:
         rgb = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(cover)
     stylegen = [sys.executable, "-c", "from stylegen.cli import main; main()"]
+    classify = [*stylegen, "classify", str(cover), "--index", str(a.index)]
     commands = {"stylegen --help": [*stylegen, "--help"],
-                "stylegen classify COVER --index IDX": [*stylegen, "classify", str(cover), "--index", str(a.index)]}
+                "stylegen classify COVER --index IDX": classify,
+                "stylegen classify COVER --index IDX --method ensemble": [*classify, "--method", "ensemble"]}
     checkouts = {"this checkout": str(ROOT)}
     if a.baseline is not None:
         checkouts = {f"baseline {a.baseline}": str(a.baseline), **checkouts}

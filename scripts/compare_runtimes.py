@@ -12,7 +12,6 @@ runtimes. Needs trained heads (`stylegen train`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,28 +33,22 @@ def main() -> None:
     a = ap.parse_args()
     from stylegen import images
     from stylegen.compress import combine
-    from stylegen.heads import load_head
+    from stylegen.engine import Engine
     from stylegen.runtime import load_featurizer
-    from stylegen.store import Index
 
-    index = Index.open(a.index, use_gpu=False)
-    heads = json.loads((index.root / "heads" / "heads.json").read_text())
-    method = heads["default_method"]
-    name = {"head": heads["default_head"]}.get(method, method)
-    head = load_head(index.root / "heads" / f"{name}.joblib", expect_feature_id=index.feature_id)
+    engine = Engine.open(a.index, device="cpu")
+    index = engine.index
+    method, name = engine.head_name(None)
     rows = np.sort(np.random.default_rng(0).choice(len(index), size=min(a.n, len(index)), replace=False))
     pixels = np.stack([images.prepare(p, index.preprocess) for p in index.rows(rows)["path"]])
-    position = {r: i for i, r in enumerate(heads["train_rows"])}
-    exclude = np.array([position.get(int(r), -1) for r in rows])
     out = {}
     for rt in ("torch", a.runtime):
         feat = load_featurizer(index.config, "cpu", "fp32", runtime=rt)
         raw = [feat(pixels[i:i + 16]) for i in range(0, len(pixels), 16)]
         raw = {p: np.concatenate([r[p] for r in raw]) for p in raw[0]}
         vectors = combine(index.compressor.transform(raw), index.config.features.weights)[0]
-        kwargs = {"exclude": exclude} if name in ("knn", "ensemble") else {}
-        proba = head.predict_proba(vectors, **kwargs)
-        out[rt] = (raw, vectors, np.asarray(head.classes_)[np.argmax(proba, 1)])
+        proba, classes, _ = engine.predict_proba(vectors, method, rows=[int(r) for r in rows])
+        out[rt] = (raw, vectors, np.asarray(classes)[np.argmax(proba, 1)])
     (raw_t, vec_t, top_t), (raw_r, vec_r, top_r) = out["torch"], out[a.runtime]
     print(cpu_line())
     print(f"{len(rows)} covers of {a.index}; torch fp32 vs {a.runtime}; head: {name} ({method})\n")
