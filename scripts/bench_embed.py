@@ -1,20 +1,24 @@
 #!/usr/bin/env python
-"""Embedding throughput: stylegen embed vs a naive baseline vs forward-only, in one run.
+"""Embedding throughput per featurizer runtime, forward pass alone and end to end, in one run.
 
-    python scripts/bench_embed.py [--n 1024] [--batch-size 16] [--sweep]
+    python scripts/bench_embed.py [--n 256] [--fwd-n 128] [--repeats 2]
+        [--runtimes torch,onnx,openvino] [--graph-variants]
 
-* naive: per image PIL open + resize (no draft mode), fp32 forward at batch 1,
-  Gram matrices per image in numpy;
-* forward-only: the backbone alone on pre-decoded, pre-normalised batches, with the
-  same batch size and precision as stylegen embed;
-* stylegen: ``stylegen.embed`` end to end on the same images into a fresh index
-  (hashing, decoding in worker processes, forward, Gram, checkpoints, PCA, FAISS, writes).
-Prints img/s and the ratios. Reads ../shared/data/covers; exits with a message when absent.
+* forward: the featurizer alone (``load_featurizer(...)(pixels)``: normalisation, forward
+  pass, Gram matrices, pooling) on pre-decoded uint8 batches of the CPU's default size;
+* stylegen embed: ``stylegen.embed`` end to end on ``--n`` real covers into a fresh index
+  (hashing, decoding, featurizer, checkpoints, PCA, FAISS, writes), per runtime.
+Runtimes alternate within each repeat, so drift of a shared machine hits all alike; the
+best of ``--repeats`` is reported, with the ratio to torch. ``--graph-variants`` also times
+the exported graph with the tap activations as outputs and the Gram matrices in numpy
+(the alternative to computing them inside the graph). Prints the CPU model, its flags and
+the load average. Reads ../shared/data/covers; exits with a message when absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -22,115 +26,148 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_coldstart import cpu_line
 
 
-def naive(paths: list[str]) -> float:
-    from stylegen import backbones
-    from stylegen.config import BackboneConfig
-
-    bb = backbones.build(BackboneConfig())
-    mean, std = np.array(bb.mean) * 255, np.array(bb.std) * 255
-    t = time.perf_counter()
-    for p in paths:
-        img = Image.open(p).convert("RGB").resize((bb.image_size, bb.image_size), Image.BILINEAR)
-        x = torch.from_numpy(((np.asarray(img, np.float32) - mean) / std).transpose(2, 0, 1).copy())
-        acts, _ = bb.forward(x[None].float())
-        for a in acts.values():
-            f = a[0].reshape(a.shape[1], -1).numpy()
-            g = f @ f.T / f.shape[1]
-            g = g[np.triu_indices(g.shape[0])]
-            g = np.sign(g) * np.sqrt(np.abs(g))
-            _ = g / np.linalg.norm(g)
-    return len(paths) / (time.perf_counter() - t)
-
-
-def forward_only(n: int, batch_size: int, precision: str, channels_last: bool, featurize: bool = False) -> float:
+def forward(runtime: str, n: int, batch_size: int) -> tuple[float, str]:
+    """Images per second of the featurizer alone, and its precision."""
     from stylegen.config import EmbedConfig
-    from stylegen.embed import load_featurizer
+    from stylegen.runtime import load_featurizer
 
-    feat = load_featurizer(EmbedConfig(), "cpu", precision, channels_last)
+    feat = load_featurizer(EmbedConfig(), "cpu", "auto", runtime=runtime)
     pixels = np.random.default_rng(0).integers(0, 255, (batch_size, 224, 224, 3), dtype=np.uint8)
-    x = feat.prepare(pixels)
-    run = (lambda: feat(pixels)) if featurize else (lambda: _fwd(feat, x))
-    for _ in range(3):  # oneDNN builds its kernels for each new shape over the first calls
-        run()
+    for _ in range(2):  # kernels are built over the first calls
+        feat(pixels)
     steps = max(1, n // batch_size)
     t = time.perf_counter()
     for _ in range(steps):
-        run()
-    return steps * batch_size / (time.perf_counter() - t)
+        feat(pixels)
+    return steps * batch_size / (time.perf_counter() - t), feat.precision
 
 
-def _fwd(feat, x):
-    with feat._autocast():
-        feat.backbone.forward(x)
-
-
-def end_to_end(csv: Path, batch_size: int, workers: int, precision: str) -> tuple[float, float]:
+def end_to_end(csv: Path, runtime: str) -> tuple[float, float]:
+    """(whole call img/s, embedding stage img/s) of stylegen.embed with defaults."""
     import stylegen
 
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        report = stylegen.embed(csv, Path(d) / "idx", batch_size=batch_size, workers=workers,
-                                precision=precision, progress=False)
+        report = stylegen.embed(csv, Path(d) / "idx", device="cpu", runtime=runtime, progress=False)
         wall = time.perf_counter() - t
     return report.added / wall, report.images_per_second
 
 
+def graph_variants(n: int, batch_size: int) -> dict[str, float]:
+    """Gram matrices inside the ONNX graph vs tap activations out + Gram in numpy (ORT)."""
+    import onnxruntime as ort
+    import torch
+
+    from stylegen import backbones
+    from stylegen.config import BackboneConfig, EmbedConfig
+    from stylegen.features import channel_projection
+    from stylegen.runtime import load_featurizer
+
+    bb = backbones.build(BackboneConfig())
+
+    class Taps(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = bb.model
+
+        def forward(self, px: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            acts, content = bb.forward((px.permute(0, 3, 1, 2).float() - 127.5) / 127.5)
+            return (*acts.values(), content)
+
+    proj = channel_projection(192, 128).numpy()
+
+    def numpy_parts(outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        parts = []
+        for a in outs[:-1]:
+            f = a.reshape(a.shape[0], a.shape[1], -1)
+            if f.shape[1] > 128:
+                f = np.matmul(proj, f)
+            g = np.matmul(f, f.transpose(0, 2, 1)) / f.shape[-1]
+            iu = np.triu_indices(g.shape[1])
+            g = g[:, iu[0], iu[1]]
+            g = np.sign(g) * np.sqrt(np.abs(g))
+            parts.append(g / np.linalg.norm(g, axis=1, keepdims=True))
+        c = outs[-1]
+        return {"style": np.concatenate(parts, 1) / np.sqrt(len(parts)),
+                "content": c / np.linalg.norm(c, axis=1, keepdims=True)}
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "taps.onnx"
+        with torch.no_grad():
+            torch.onnx.export(Taps().eval(), (torch.zeros(2, 224, 224, 3, dtype=torch.uint8),), str(path),
+                              input_names=["px"], dynamic_axes={"px": {0: "b"}}, opset_version=17, dynamo=False)
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        in_graph = load_featurizer(EmbedConfig(), "cpu", runtime="onnx")
+        out = {}
+        for bs in (batch_size, 1):
+            px = np.random.default_rng(0).integers(0, 255, (bs, 224, 224, 3), dtype=np.uint8)
+            for name, fn in ((f"ORT, Gram in the graph, batch {bs}", lambda px=px: in_graph(px)),
+                             (f"ORT, taps out + numpy Gram, batch {bs}",
+                              lambda px=px: numpy_parts(sess.run(None, {"px": px})))):
+                fn()
+                steps = max(2, n // bs // (4 if bs == 1 else 1))
+                t = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                out[name] = steps * bs / (time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=None, help="default: stylegen's for the CPU")
-    ap.add_argument("--workers", type=int, default=None, help="decode workers (default: stylegen's choice)")
-    ap.add_argument("--naive-n", type=int, default=96, help="images for the (slow) naive baseline")
-    ap.add_argument("--sweep", action="store_true", help="also sweep precision, layout, batch, workers")
-    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
+    ap.add_argument("--n", type=int, default=256, help="covers for the end-to-end runs")
+    ap.add_argument("--fwd-n", type=int, default=128, help="images per forward-only measurement")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    ap.add_argument("--runtimes", default="torch,onnx,openvino")
+    ap.add_argument("--graph-variants", action="store_true")
     args = ap.parse_args()
     if not COVERS.exists():
         sys.exit(f"skipped: real covers not found at {COVERS}")
-    torch.manual_seed(0)
-    if args.batch_size is None:
-        from stylegen.embed import default_batch_size
+    from stylegen.embed import default_batch_size
+    from stylegen.runtime import installed
 
-        args.batch_size = default_batch_size("cpu")
+    runtimes = [r for r in args.runtimes.split(",") if r == "torch" or installed(r)]
+    batch = default_batch_size("cpu")
     rows = pd.read_csv(COVERS).sample(args.n, random_state=0)
     rows["image"] = [str(COVERS.parent / p) for p in rows["image"]]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, batch={args.batch_size}")
+    print(cpu_line())
+    print(f"n={args.n} (end to end), {args.fwd_n} (forward), batch={batch}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, runtimes {runtimes}")
+    fwd: dict[str, list[float]] = {}
+    e2e: dict[str, list[tuple[float, float]]] = {}
+    precision: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as d:
         csv = Path(d) / "bench.csv"
         rows.to_csv(csv, index=False)
-        forward_only(args.n // 4, args.batch_size, "bf16", True)  # warm the machine and oneDNN up
-        results = {"naive (PIL, fp32, batch 1, numpy Gram)": naive(rows["image"].tolist()[: args.naive_n])}
-        # forward-only and stylegen embed alternate, so drift of a shared machine hits both alike
-        fwd, runs = [], []
+        for r in runtimes:  # exports (first use) and warm-up, untimed
+            forward(r, batch, batch)
         for _ in range(args.repeats):
-            fwd.append(forward_only(args.n, args.batch_size, "bf16", True))
-            runs.append(end_to_end(csv, args.batch_size, args.workers, "auto"))
-        results["forward-only (bf16, channels-last)"] = max(fwd)
-        results["stylegen embed, whole call"] = max(r[0] for r in runs)
-        results["stylegen embed, embedding stage"] = max(r[1] for r in runs)
-        paired = [r[0] / f for r, f in zip(runs, fwd, strict=True)]
-        print(f"whole call / forward-only per repeat: {', '.join(f'{p:.0%}' for p in paired)}")
-        if args.sweep:
-            for prec in ("fp32", "bf16"):
-                for cl in (False, True):
-                    results[f"featurizer {prec} channels_last={cl}"] = forward_only(
-                        args.n // 2, args.batch_size, prec, cl, featurize=True)
-            for bs in sorted({8, 16, 32, 64} - {args.batch_size}):
-                results[f"forward-only bf16 cl batch={bs}"] = forward_only(args.n // 2, bs, "bf16", True)
-                results[f"featurizer bf16 cl batch={bs}"] = forward_only(args.n // 2, bs, "bf16", True, True)
-                results[f"stylegen embed batch={bs}, whole call"] = end_to_end(csv, bs, args.workers, "auto")[0]
-            for w in (0, 1, 2):
-                results[f"stylegen embed workers={w}, whole call"] = end_to_end(csv, args.batch_size, w, "auto")[0]
-    base, fwd = results["naive (PIL, fp32, batch 1, numpy Gram)"], results["forward-only (bf16, channels-last)"]
-    print("\n| setting | img/s | x naive | / forward-only |\n|---|---:|---:|---:|")
-    for name, v in results.items():
-        print(f"| {name} | {v:.1f} | {v / base:.2f} | {v / fwd:.0%} |")
+            for r in runtimes:
+                v, precision[r] = forward(r, args.fwd_n, batch)
+                fwd.setdefault(r, []).append(v)
+                e2e.setdefault(r, []).append(end_to_end(csv, r))
+    base_f = max(fwd["torch"]) if "torch" in fwd else 1.0
+    base_e = max(w for w, _ in e2e["torch"]) if "torch" in e2e else 1.0
+    print("\n| runtime | precision | forward img/s | x torch | stylegen embed img/s (whole call) "
+          "| x torch | embedding stage img/s |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in runtimes:
+        f, w, s = max(fwd[r]), max(x for x, _ in e2e[r]), max(y for _, y in e2e[r])
+        print(f"| {r} | {precision[r]} | {f:.1f} | {f / base_f:.2f} | {w:.1f} | {w / base_e:.2f} | {s:.1f} |")
+    if args.graph_variants:
+        print("\n| exported graph variant | img/s |\n|---|---:|")
+        for name, v in graph_variants(args.fwd_n, batch).items():
+            print(f"| {name} | {v:.1f} |")
+    print(cpu_line())
 
 
 if __name__ == "__main__":

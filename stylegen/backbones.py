@@ -3,6 +3,10 @@
 A :class:`Backbone` runs one forward pass and returns the activations of its tap
 layers (for Gram matrices) and the pooled final embedding (content). Taps are
 captured with forward hooks owned by the instance, so any ``nn.Module`` works.
+
+torch is imported only where a network is built or run: :func:`describe` names an
+EfficientNet-Lite's weights, taps and preprocessing without it (the exported runtimes
+in :mod:`stylegen.runtime` serve queries without importing torch).
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from stylegen.config import BackboneConfig, Preprocess
 from stylegen.errors import ModelNotFoundError, StylegenError
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    Tensor = torch.Tensor
 
 # EfficientNet-Lite: package that ships the weights, class holding the path, input size.
 _LITE = {
@@ -33,6 +39,29 @@ _LITE = {
 # (docs/results_covers_research.md, rows 4/14 and 23/27).
 _LITE_DEFAULT_TAPS = ("stage4", "stage5", "stage6")
 _OPEN_CLIP_PREFIX = "open_clip:"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What identifies a backbone's function without holding the network: its name, tap
+    layers, input preprocessing and the hash of its weights file."""
+
+    name: str
+    taps: tuple[str, ...]
+    preprocess: Preprocess
+    weights_id: str
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocess.std
 
 
 @dataclass
@@ -64,6 +93,10 @@ class Backbone:
         return tuple(self.tap_modules)
 
     @property
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(self.name, self.taps, self.preprocess, self.weights_id)
+
+    @property
     def image_size(self) -> int:
         return self.preprocess.size
 
@@ -76,15 +109,19 @@ class Backbone:
         return self.preprocess.std
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> Backbone:
+        import torch
+
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(device=device, memory_format=fmt)
         return self
 
-    @torch.inference_mode()
     def forward(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Run the network once on a normalised batch; return (tap activations, content)."""
+        import torch
+
         self._acts.clear()
-        content = self.content_fn(self.model, x)
+        with torch.inference_mode(not torch.jit.is_tracing()):  # tracing (export) needs plain tensors
+            content = self.content_fn(self.model, x)
         acts = {tap: self._acts[tap] for tap in self.taps}
         self._acts.clear()
         if self.tokens:  # (B, L, C) -> (B, C, L, 1): channels first like a conv map
@@ -115,6 +152,32 @@ def build(cfg: BackboneConfig) -> Backbone:
     raise StylegenError(
         f"unknown backbone {cfg.name!r}; choose one of {', '.join(_LITE)} or open_clip:ARCH"
     )
+
+
+def exportable(cfg: BackboneConfig) -> bool:
+    """Whether :func:`describe` knows this backbone without building it (EfficientNet-Lite)."""
+    return cfg.name in _LITE
+
+
+def describe(cfg: BackboneConfig, weights_id: Callable[[str], str] = file_sha256) -> BackboneInfo:
+    """The :class:`BackboneInfo` of an EfficientNet-Lite, without importing torch.
+
+    Raises StylegenError for other backbones (they must be built) and for unknown taps.
+    """
+    if not exportable(cfg):
+        raise StylegenError(f"{cfg.name} has no exported runtime; use --runtime torch")
+    weights = _lite_weights(cfg)
+    taps = tuple(cfg.taps or _LITE_DEFAULT_TAPS)
+    known = ("stem", *(f"stage{i}" for i in range(1, 8)))  # every EfficientNet-Lite has 7 stages
+    missing = [t for t in taps if t not in known]
+    if missing:
+        raise StylegenError(f"{cfg.name} has no tap {missing[0]!r}; available: {', '.join(known)}")
+    return BackboneInfo(cfg.name, taps, _lite_preprocess(cfg), weights_id(weights))
+
+
+def _lite_preprocess(cfg: BackboneConfig) -> Preprocess:
+    # EfficientNet-Lite expects inputs in [-1, 1]
+    return Preprocess(size=cfg.image_size or _LITE[cfg.name][2], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def _lite_weights(cfg: BackboneConfig) -> str:
@@ -157,6 +220,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     hook on it (the ``stem`` tap) still sees the conv+BN output. Symmetric static "same"
     padding moves into the convolution too (a separate pad op cost ~20% of a batch-1 forward).
     """
+    from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = 0
@@ -195,8 +259,7 @@ def _build_lite(cfg: BackboneConfig) -> Backbone:
         model=model,
         tap_modules=taps,
         content_fn=_lite_content,
-        # EfficientNet-Lite expects inputs in [-1, 1]
-        preprocess=Preprocess(size=cfg.image_size or _LITE[cfg.name][2], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        preprocess=_lite_preprocess(cfg),
         weights_id=file_sha256(weights),
     )
 

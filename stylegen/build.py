@@ -267,6 +267,7 @@ def make_manifest(
         "index_key": choose_index_key(*vectors.shape),
         "metric": "inner_product",
         "precision": info["precision"],
+        "runtime": info.get("runtime", "torch"),
         "feature_id": feature_id,
         "ingest_id": info["ingest_id"],
         "shards": shard_names,

@@ -6,13 +6,11 @@ pickled, so an index opens with any scikit-learn version.
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.decomposition import PCA
-from sklearn.random_projection import GaussianRandomProjection
 
 from stylegen.config import CompressionConfig
 
@@ -30,12 +28,16 @@ class Projection:
         return int(self.components.shape[0])
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        # torch, not numpy: the product then runs on the thread pool the forward pass just
-        # used. A numpy (OpenBLAS) matmul between two forward passes leaves BLAS threads
-        # spinning against torch's, which made classifying one cover 10x slower (112 vs 11 ms).
+        x = np.asarray(x, np.float32)
+        if "torch" not in sys.modules:  # the exported runtimes: numpy, no torch to load
+            return ((x - self.mean) @ self.components.T) / self.scale
+        # With torch serving the forward pass the product runs on torch's thread pool: a
+        # numpy (OpenBLAS) matmul between two forward passes leaves BLAS threads spinning
+        # against torch's, which made classifying one cover 10x slower (112 vs 11 ms).
+        import torch
+
         t = torch.as_tensor
-        x = t(np.asarray(x, np.float32))
-        return (((x - t(self.mean)) @ t(self.components).T) / t(self.scale)).numpy()
+        return (((t(x) - t(self.mean)) @ t(self.components).T) / t(self.scale)).numpy()
 
 
 def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int) -> Projection:
@@ -45,9 +47,13 @@ def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int
     if method == "none" or (method == "rp" and dim >= d_in) or (method == "pca" and n < 2):
         return Projection(np.zeros(d_in, np.float32), np.eye(d_in, dtype=np.float32), np.ones(d_in, np.float32))
     if method == "rp":
+        from sklearn.random_projection import GaussianRandomProjection
+
         rp = GaussianRandomProjection(n_components=dim, random_state=seed).fit(x[:1])
         comps = np.asarray(rp.components_, np.float32)
         return Projection(np.zeros(d_in, np.float32), comps, np.ones(dim, np.float32))
+    from sklearn.decomposition import PCA
+
     k = max(1, min(dim, n - 1, d_in))
     pca = PCA(n_components=k, svd_solver="randomized" if k < 0.8 * min(n, d_in) else "full",
               random_state=seed).fit(x)

@@ -199,7 +199,7 @@ class Engine:
     @property
     def featurizer(self) -> Any:
         if self._featurizer is None:
-            from stylegen.embed import load_featurizer
+            from stylegen.runtime import load_featurizer
 
             self._featurizer = load_featurizer(self.index.config, self.device,
                                                self.index.manifest.get("precision", "auto"))

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stylegen import backbones, images
+from stylegen import images
 from stylegen.build import (
     DEFAULT_MAX_SAMPLE,
     BuildResult,
@@ -35,6 +34,7 @@ from stylegen.build import (
 from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.features import Featurizer
+from stylegen.runtime import resolve_device, resolve_precision  # noqa: F401  (re-exported)
 from stylegen.shards import RUN_COLUMNS, clean_partial, describe, list_shards, write_shard
 from stylegen.store import Index, atomic_write_text, exclusive
 
@@ -69,45 +69,14 @@ class EmbedReport:
         )
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StylegenError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on GPUs and on CPUs with AVX-512 bf16/AMX, else fp32."""
-    if precision != "auto":
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise StylegenError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
 def load_featurizer(
-    config: EmbedConfig, device: str = "auto", precision: str = "auto", channels_last: bool = True
-) -> Featurizer:
-    """Build the backbone and feature extractor that ``config`` describes."""
-    dev = resolve_device(device)
-    return Featurizer(
-        backbone=backbones.build(config.backbone),
-        config=config.features,
-        device=dev,
-        precision=resolve_precision(precision, dev),
-        channels_last=channels_last,
-    )
+    config: EmbedConfig, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+    runtime: str = "auto",
+) -> Any:
+    """The featurizer ``config`` describes, on ``runtime`` (see :mod:`stylegen.runtime`)."""
+    from stylegen import runtime as runtimes
+
+    return runtimes.load_featurizer(config, device, precision, channels_last, runtime)
 
 
 class _Reader(Dataset):
@@ -172,6 +141,7 @@ def embed(
     progress: bool = True,
     engine: str = "local",
     address: str | None = None,
+    runtime: str = "auto",
 ) -> EmbedReport:
     """Embed every new image of ``source`` into the index at ``index_dir``: ingest, then build.
 
@@ -186,6 +156,9 @@ def embed(
     ``batch_size`` forward batch default by device (:func:`default_workers`,
     :func:`default_batch_size`). ``engine="ray"`` runs read/decode as Ray tasks and the
     featurizer in Ray actors (``address``: an existing cluster; None starts a local one).
+    ``runtime`` runs the featurizer on ``torch``, ``onnx`` (ONNX Runtime) or ``openvino``
+    (``auto``: the fastest installed for the device, :func:`stylegen.runtime.resolve_runtime`);
+    they compute the same function, so shards from any runtime mix in one index.
     """
     if engine not in ENGINES:
         raise StylegenError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -204,8 +177,9 @@ def embed(
         if len(todo) or unbuilt:
             if existing is not None and precision == "auto":
                 precision = existing.manifest.get("precision", "auto")
-            featurizer = load_featurizer(config, device, precision, channels_last)
-            info = describe(config, featurizer.backbone, featurizer.precision)
+            featurizer = load_featurizer(config, device, precision, channels_last, runtime)
+            info = {**describe(config, featurizer.backbone, featurizer.precision),
+                    "runtime": getattr(featurizer, "runtime", "torch")}
             _check_same_features(existing, info)
             for stale in (s for s in unbuilt if s.ingest_id != info["ingest_id"]):
                 shutil.rmtree(stale.path, ignore_errors=True)  # another backbone/precision: unusable

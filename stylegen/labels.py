@@ -18,8 +18,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import yaml
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import MultiLabelBinarizer
 
 from stylegen.errors import DataError
 
@@ -257,6 +255,10 @@ def encode_targets(
         rows = list(y)
         if any(isinstance(r, str) or not isinstance(r, Iterable) for r in rows):
             raise DataError("multi-label targets must be a list of label lists: [['pop'], ...]")
+        from sklearn.preprocessing import (
+            MultiLabelBinarizer,  # here: the query path needs no sklearn
+        )
+
         binarizer = MultiLabelBinarizer().fit(rows)
         targets, classes = binarizer.transform(rows).astype(np.float32), binarizer.classes_
     else:
@@ -315,6 +317,8 @@ def stratified_split(
     targets: np.ndarray, fraction: float, random_state: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, validation), stratified on the class (or label set) where possible."""
+    from sklearn.model_selection import train_test_split
+
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"validation fraction must lie in [0, 1), got {fraction}")
     targets = np.asarray(targets)

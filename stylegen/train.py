@@ -22,8 +22,8 @@ import pandas as pd
 from sklearn.base import clone
 from sklearn.model_selection import GroupShuffleSplit
 
+from stylegen import heads as head_classes
 from stylegen.errors import DataError, ModelNotFoundError, StylegenError
-from stylegen.heads import EnsembleHead, KNNHead, LinearHead, MLPHead, save_head
 from stylegen.labels import Taxonomy, multi_labels, single_labels
 from stylegen.store import Index, atomic_write_text
 
@@ -33,18 +33,18 @@ HEADS_DIR = "heads"
 
 def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str, Any]:
     """Unfitted heads with the project's defaults (also used by cross-validation)."""
-    linear = LinearHead(multi_label=multi, random_state=seed)
+    linear = head_classes.LinearHead(multi_label=multi, random_state=seed)
     # with a table: a wider table branch, more patience and 5 averaged nets (5-fold CV on GTZAN,
     # docs/results_gtzan.md: hybrid macro-F1 0.754 -> 0.78)
     table_kw = {} if mlp_mode == "image" else {"tabular_hidden": (128,), "patience": 40, "n_models": 5}
     return {
         "linear": linear,
-        "mlp": MLPHead(multi_label=multi, random_state=seed, mode=mlp_mode, hidden=(256,), dropout=0.5,
+        "mlp": head_classes.MLPHead(multi_label=multi, random_state=seed, mode=mlp_mode, hidden=(256,), dropout=0.5,
                        **table_kw),
         # k=50, temperature 0.1: best kNN vote and best ensemble partner on the covers
         # (docs/results_covers_research.md, rows 41-50)
-        "knn": KNNHead(k=50, temperature=0.1, multi_label=multi),
-        "ensemble": EnsembleHead(clone(linear), KNNHead(k=50, temperature=0.1, multi_label=multi),
+        "knn": head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
+        "ensemble": head_classes.EnsembleHead(clone(linear), head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
                                  random_state=seed),
     }
 
@@ -151,7 +151,7 @@ def train(
         kw = extra if name == "mlp" else {}
         # the ensemble picks its weight on an artist-disjoint split (kNN votes from an artist's
         # other covers would look too good); the MLP's early stopping did worse with one
-        fit_groups = {"groups": groups} if isinstance(head, EnsembleHead) else {}
+        fit_groups = {"groups": groups} if isinstance(head, head_classes.EnsembleHead) else {}
         if validate:
             try:
                 scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
@@ -196,7 +196,7 @@ def write_head_set(root: Path, heads: dict[str, Any], config: dict[str, Any], fe
     tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
     try:
         for head_name, head in heads.items():
-            save_head(head, tmp / f"{head_name}.joblib", feature_id=feature_id)
+            head_classes.save_head(head, tmp / f"{head_name}.joblib", feature_id=feature_id)
         (tmp / "heads.json").write_text(json.dumps(config, indent=1))
         os.rename(tmp, base / name)
     except BaseException:

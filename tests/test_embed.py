@@ -79,16 +79,21 @@ def test_interrupted_write_leaves_previous_index_intact(genre_folder, tmp_path, 
 
 
 def test_interrupted_embedding_resumes_from_checkpoints(genre_folder, tmp_path, monkeypatch):
+    from stylegen.runtime import GraphFeaturizer
+
     calls = {"n": 0}
-    original = stylegen.features.Featurizer.__call__
 
-    def flaky(self, pixels):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, pixels)
+    def flaky(original):
+        def call(self, pixels):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return original(self, pixels)
 
-    monkeypatch.setattr(stylegen.features.Featurizer, "__call__", flaky)
+        return call
+
+    for featurizer in (stylegen.features.Featurizer, GraphFeaturizer):  # whichever runtime runs
+        monkeypatch.setattr(featurizer, "__call__", flaky(featurizer.__call__))
     with pytest.raises(KeyboardInterrupt):
         run(genre_folder, tmp_path / "idx", batch_size=2, checkpoint_every=2)
     assert not (tmp_path / "idx" / "CURRENT").exists()

@@ -1,0 +1,177 @@
+"""The exported featurizer runtimes (ONNX Runtime, OpenVINO) against eager torch, the export
+cache, runtime choice, and what the query path imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stylegen import runtime
+from stylegen.config import BackboneConfig, EmbedConfig, FeatureConfig
+from stylegen.errors import StylegenError
+from tests.conftest import COVERS_CSV, needs_real_data
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTED = [pytest.param(r, marks=pytest.mark.skipif(not runtime.installed(r), reason=f"{r} not installed"))
+            for r in runtime.EXPORTED]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export cache for the module (an export takes seconds)."""
+    return tmp_path_factory.mktemp("stylegen-cache")
+
+
+@pytest.fixture
+def use_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("STYLEGEN_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def torch_reference():
+    from stylegen.runtime import load_featurizer
+
+    return {flip: load_featurizer(_config(flip), "cpu", "fp32", runtime="torch") for flip in (False, True)}
+
+
+def _config(flip: bool = False, **features) -> EmbedConfig:
+    return EmbedConfig(features=FeatureConfig(flip=flip, **features))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+@pytest.mark.parametrize("flip", [False, True])
+def test_exported_runtime_gives_the_torch_vectors(name, flip, use_cache, torch_reference, rng):
+    pixels = rng.integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    pixels[0] = pixels[0, :, ::-1]  # an asymmetric image: flip averaging must match too
+    feat = runtime.load_featurizer(_config(flip), "cpu", "auto", runtime=name)
+    assert (feat.runtime, feat.precision, feat.device.type) == (name, "fp32", "cpu")
+    ref, out = torch_reference[flip](pixels), feat(pixels)
+    assert list(out) == ["style", "content"]
+    for part in ref:
+        assert out[part].dtype == np.float32 and out[part].shape == ref[part].shape
+        assert _cosines(ref[part], out[part]).min() > 0.9999, part
+        np.testing.assert_allclose(out[part], ref[part], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_batch_of_one_equals_the_same_image_in_a_batch(name, use_cache, rng):
+    feat = runtime.load_featurizer(_config(), "cpu", runtime=name)
+    pixels = rng.integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
+    batch, single = feat(pixels), feat(pixels[2:3])
+    np.testing.assert_allclose(single["style"][0], batch["style"][2], atol=1e-5)
+
+
+@pytest.mark.skipif(not runtime.installed("onnx"), reason="onnxruntime not installed")
+def test_export_is_cached_and_rebuilt_when_a_setting_changes(use_cache, monkeypatch):
+    runtime.load_featurizer(_config(), "cpu", runtime="onnx")
+    exports = sorted((use_cache / "exports").glob("*.onnx"))
+    stamp = {p: p.stat().st_mtime_ns for p in exports}
+
+    def no_export(*_a, **_k):
+        raise AssertionError("exported again although the cache holds the graph")
+
+    monkeypatch.setattr(runtime, "export_onnx", no_export)
+    runtime.load_featurizer(_config(), "cpu", runtime="onnx")  # served from the cache
+    assert {p: p.stat().st_mtime_ns for p in exports} == stamp
+    # another tap set, another feature setting: other graphs, other files
+    info = runtime.backbones.describe(BackboneConfig(taps=("stage5",)))
+    other_taps = runtime.export_path(runtime.export_spec(info, FeatureConfig()))
+    other_sqrt = runtime.export_path(runtime.export_spec(info, FeatureConfig(signed_sqrt=False)))
+    assert len({other_taps, other_sqrt, *exports}) == len(exports) + 2
+    spec = json.loads(exports[0].with_suffix(".json").read_text())
+    assert spec["backbone"]["weights_id"] == runtime.backbones.describe(BackboneConfig()).weights_id
+    assert not list((use_cache / "exports").glob(".*.tmp"))  # written atomically, nothing left over
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("STYLEGEN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runtime.cache_dir() == tmp_path / "xdg" / "stylegen"
+    monkeypatch.setenv("STYLEGEN_CACHE", str(tmp_path / "mine"))
+    assert runtime.cache_dir() == tmp_path / "mine"
+
+
+def test_weights_hash_is_remembered_and_follows_the_file(use_cache, tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"one")
+    first = runtime.cached_sha256(f)
+    assert first == runtime.backbones.file_sha256(f)
+    f.write_bytes(b"two!")  # new size and mtime: hashed again
+    assert runtime.cached_sha256(f) == runtime.backbones.file_sha256(f) != first
+
+
+def test_runtime_choice(monkeypatch):
+    cfg = EmbedConfig()
+    monkeypatch.setattr(runtime, "installed", lambda r: r == "openvino")
+    assert runtime.resolve_runtime("auto", "cpu", cfg) == "openvino"
+    assert runtime.resolve_runtime("auto", "cuda", cfg) == "torch"  # GPUs stay on torch
+    clip = replace(cfg, backbone=BackboneConfig(name="open_clip:RN50"))
+    assert runtime.resolve_runtime("auto", "cpu", clip) == "torch"  # not exportable
+    with pytest.raises(StylegenError, match="pip install onnxruntime"):
+        runtime.resolve_runtime("onnx", "cpu", cfg)
+    with pytest.raises(StylegenError, match="runs on the CPU"):
+        runtime.resolve_runtime("openvino", "cuda", cfg)
+    with pytest.raises(StylegenError, match="runtime must be one of"):
+        runtime.resolve_runtime("tensorrt", "cpu", cfg)
+    monkeypatch.setattr(runtime, "installed", lambda r: False)
+    assert runtime.resolve_runtime("auto", "cpu", cfg) == "torch"  # nothing exported installed
+
+
+def test_unknown_tap_is_refused_without_building(tmp_path):
+    with pytest.raises(StylegenError, match="no tap 'stage9'"):
+        runtime.backbones.describe(BackboneConfig(taps=("stage9",)))
+
+
+def _imports_after(code: str, env: dict[str, str]) -> set[str]:
+    probe = f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout
+    return {m.split(".")[0] for m in json.loads(out.strip().splitlines()[-1])}
+
+
+def test_cli_and_package_import_no_heavy_modules():
+    loaded = _imports_after("import stylegen, stylegen.cli", {})
+    assert not loaded & {"torch", "sklearn", "faiss", "pandas", "onnxruntime", "openvino", "rich"}
+    loaded = _imports_after("import stylegen.engine, stylegen.heads, stylegen.compress, stylegen.labels", {})
+    assert not loaded & {"torch", "sklearn", "onnxruntime", "openvino"}
+
+
+@pytest.mark.skipif(not runtime.installed("onnx"), reason="onnxruntime not installed")
+def test_exported_featurizer_serves_without_torch(use_cache):
+    runtime.load_featurizer(_config(), "cpu", runtime="onnx")  # fills the cache
+    code = ("import numpy as np\nfrom stylegen.config import EmbedConfig\nfrom stylegen.runtime import load_featurizer\n"
+            "f = load_featurizer(EmbedConfig(), 'cpu', runtime='onnx')\n"
+            "f(np.zeros((1, 224, 224, 3), np.uint8))")
+    loaded = _imports_after(code, {"STYLEGEN_CACHE": str(use_cache)})
+    assert "onnxruntime" in loaded and not loaded & {"torch", "sklearn"}
+
+
+@pytest.mark.realdata
+@needs_real_data()
+@pytest.mark.parametrize("name", EXPORTED)
+def test_real_covers_match_torch_fp32(name, use_cache, torch_reference):
+    """200 real covers: every raw part vector within cosine 0.999 of eager torch fp32."""
+    import pandas as pd
+
+    from stylegen import images
+
+    rows = pd.read_csv(COVERS_CSV).sample(200, random_state=0)
+    spec = torch_reference[False].backbone.preprocess
+    pixels = np.stack([images.prepare(COVERS_CSV.parent / p, spec) for p in rows["image"]])
+    feat = runtime.load_featurizer(_config(), "cpu", runtime=name)
+    for i in range(0, len(pixels), 50):
+        ref, out = torch_reference[False](pixels[i:i + 50]), feat(pixels[i:i + 50])
+        for part in ref:
+            assert _cosines(ref[part], out[part]).min() >= 0.999, (part, i)
