@@ -51,10 +51,12 @@ def tap_channels(engine: Any) -> list[int]:
         return [int(c) for c in recorded]
     import torch
 
-    fz = engine.featurizer
-    size = fz.backbone.image_size
+    from stylegen import backbones
+
+    bb = backbones.build(engine.index.config.backbone)  # the torch network, whatever runtime serves queries
+    size = bb.image_size
     with torch.inference_mode():
-        acts, _ = fz.backbone.forward(fz.prepare(np.zeros((1, size, size, 3), np.uint8)))
+        acts, _ = bb.forward(torch.zeros((1, 3, size, size)))
     return [int(a.shape[1]) for a in acts.values()]
 
 

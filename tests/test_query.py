@@ -104,10 +104,10 @@ def test_a_failed_train_leaves_the_previous_heads_whole(planted, tmp_path, monke
     copy = tmp_path / "idx"
     shutil.copytree(idx, copy)
     before = Engine.open(copy).query(root / "img" / "pop1.png").genres
-    import stylegen.train as train_module
+    import stylegen.heads.io as head_io
 
     calls = []
-    real_save = train_module.save_head
+    real_save = head_io.save_head
 
     def save_then_die(head, path, **kw):
         calls.append(path)
@@ -115,7 +115,7 @@ def test_a_failed_train_leaves_the_previous_heads_whole(planted, tmp_path, monke
             raise RuntimeError("killed while writing heads")
         return real_save(head, path, **kw)
 
-    monkeypatch.setattr(train_module, "save_head", save_then_die)
+    monkeypatch.setattr(head_io, "save_head", save_then_die)
     with pytest.raises(RuntimeError), threadpool_limits(1):
         train(copy, heads=("linear", "knn"), labels="multi", validate=False)
     cfg = read_head_set(copy)
