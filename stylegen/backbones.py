@@ -41,15 +41,10 @@ _LITE_DEFAULT_TAPS = ("stage4", "stage5", "stage6")
 _OPEN_CLIP_PREFIX = "open_clip:"
 
 
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What identifies a backbone's function without holding the network: its name, tap
-    layers, input preprocessing and the hash of its weights file."""
+class _Inputs:
+    """Input size and normalisation, read from ``self.preprocess``."""
 
-    name: str
-    taps: tuple[str, ...]
     preprocess: Preprocess
-    weights_id: str
 
     @property
     def image_size(self) -> int:
@@ -64,8 +59,20 @@ class BackboneInfo:
         return self.preprocess.std
 
 
+@dataclass(frozen=True)
+class BackboneInfo(_Inputs):
+    """What identifies a backbone's function without holding the network: its name, tap
+    layers, input preprocessing and the hash of its weights file."""
+
+    name: str
+    taps: tuple[str, ...]
+    preprocess: Preprocess
+    weights_id: str
+
+
+
 @dataclass
-class Backbone:
+class Backbone(_Inputs):
     """A frozen network plus what is needed to feed it and read it."""
 
     name: str
@@ -96,17 +103,6 @@ class Backbone:
     def info(self) -> BackboneInfo:
         return BackboneInfo(self.name, self.taps, self.preprocess, self.weights_id)
 
-    @property
-    def image_size(self) -> int:
-        return self.preprocess.size
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self.preprocess.mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self.preprocess.std
 
     def to(self, device: torch.device | str, channels_last: bool = False) -> Backbone:
         import torch
