@@ -172,11 +172,6 @@ class Index:
         return self._part_indexes[by].search(q, k)
 
 
-def _want_gpu(use_gpu: bool | None) -> bool:
-    has = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    return has if use_gpu is None else (use_gpu and has)
-
-
 @contextlib.contextmanager
 def exclusive(root: Path) -> Iterator[None]:
     """Hold ``DIR/.lock`` so two writers never write one index at the same time; a writer
