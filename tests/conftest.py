@@ -101,3 +101,32 @@ def write_index(root: Path, raw: dict[str, np.ndarray], metadata, dims: int = 8,
             "backbone": {"name": "planted", "weights_id": "planted", "taps": [], "image_size": 32,
                          "mean": [0.5] * 3, "std": [0.5] * 3}, **manifest}
     return write_snapshot(root, full, vectors, metadata, compressor, raw)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,1250",
+)
+
+
+def headless_chromium(tmp_path: Path, page_load_timeout: int = 30):
+    """A Selenium driver for Debian's headless Chromium (profile under ``tmp_path``, browser
+    console logs kept); skips the test with a reason when Chromium or Selenium is missing."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
+    pytest.importorskip("selenium", reason="needs selenium (pip install selenium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    drv.set_page_load_timeout(page_load_timeout)
+    return drv

@@ -17,16 +17,10 @@ import pytest
 import uvicorn
 
 from stylegen.service import create_app
+from tests.conftest import headless_chromium
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROME_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1280,1250",
-)
 K = 12  # the page's default number of similar covers
 
 
@@ -85,21 +79,7 @@ def live_server(browser_engine):
 
 @pytest.fixture
 def driver(tmp_path: Path):
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver "
-                    "(apt-get install chromium chromium-driver)")
-    pytest.importorskip("selenium", reason="needs selenium (pip install selenium)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    drv.set_page_load_timeout(30)
+    drv = headless_chromium(tmp_path)
     yield drv
     drv.quit()
 

@@ -4,7 +4,6 @@ self-contained page (checked in headless Chromium), the PNG, the CLI and the ser
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,8 @@ from typer.testing import CliRunner
 
 from stylegen.maps import build_map, layout, map_html, map_png
 from stylegen.store import Index
-from tests.conftest import make_image, write_index
+from tests.conftest import headless_chromium, make_image, write_index
 
-REPO = Path(__file__).resolve().parents[1]
 GENRES = ["jazz", "metal", "pop"]
 
 
@@ -186,36 +184,14 @@ def check_map_page(driver, url: str, shot: Path) -> dict:
 
 @pytest.mark.browser
 def test_map_page_in_headless_chromium(planted_index: Index, tmp_path: Path):
-    from tests.test_browser import CHROMEDRIVER, CHROMIUM
-
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
-    pytest.importorskip("selenium", reason="needs selenium (pip install selenium)")
     page = Path(os.environ.get("STYLEGEN_MAP_HTML", ""))  # a map of real covers, for the record
     if not page.is_file():
         page = tmp_path / "map.html"
         page.write_text(map_html(build_map(planted_index, method="tsne")), encoding="utf-8")
-    driver = _driver(tmp_path)
+    driver = headless_chromium(tmp_path, page_load_timeout=60)
     try:
         check_map_page(driver, page.as_uri(), tmp_path / "map.png")
     finally:
         driver.quit()
-    (REPO / "out" / "browser").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tmp_path / "map.png", REPO / "out" / "browser" / "map.png")
 
 
-def _driver(tmp_path: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from tests.test_browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    drv.set_page_load_timeout(60)
-    return drv
