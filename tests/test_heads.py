@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,6 +125,58 @@ def test_mlp_early_stopping_restores_best_epoch(data):
     assert head.n_epochs_ < 400
     assert head.n_epochs_ - 1 - head.best_epoch_ == 3
     assert head.history_[head.best_epoch_] == min(head.history_)
+
+
+@pytest.mark.parametrize(("hidden", "n_table", "tabular_hidden"),
+                         [((16, 8), 0, ()), ((), 0, ()), ((16,), 5, (4,)), ((16,), 5, ())])
+def test_mlp_numpy_forward_equals_the_torch_network(hidden, n_table, tabular_hidden):
+    from stylegen.heads._mlp_torch import Net, to_weights
+    from stylegen.heads.mlp import forward
+
+    torch.manual_seed(0)
+    net = Net(32, n_table, 4, hidden, tabular_hidden, dropout=0.5).eval()
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(7, 32)).astype(np.float32)
+    table = rng.normal(size=(7, n_table)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.as_tensor(image), torch.as_tensor(table)).numpy()
+    np.testing.assert_allclose(forward(to_weights(net), image, table), expected, atol=1e-5)
+
+
+def test_mlp_head_pickled_with_torch_networks_still_loads(data):
+    """Heads saved before the numpy weights carried torch modules in ``nets_`` / ``net_``."""
+    from stylegen.heads._mlp_torch import Net
+
+    (X, y), (X_test, _) = data
+    head = small_mlp(max_epochs=2).fit(X, y)
+    torch.manual_seed(1)
+    nets = [Net(32, 0, 4, (64,), (64,), 0.3).eval() for _ in range(2)]
+    with torch.no_grad():
+        expected = np.mean([torch.softmax(n(torch.as_tensor(X_test), torch.zeros(len(X_test), 0))
+                                          .double(), dim=1).numpy() for n in nets], axis=0)
+    for old in ({"nets_": nets, "net_": nets[0]}, {"net_": nets[0]}):
+        state = {k: v for k, v in head.__dict__.items() if k != "weights_"} | old
+        restored = MLPHead.__new__(MLPHead)
+        restored.__setstate__(state)
+        want = expected if "nets_" in old else np.mean(
+            [torch.softmax(nets[0](torch.as_tensor(X_test), torch.zeros(len(X_test), 0)).double(),
+                           dim=1).detach().numpy()], axis=0)
+        np.testing.assert_allclose(restored.predict_proba(X_test), want, atol=1e-6)
+        assert "nets_" not in restored.__dict__ and "net_" not in restored.__dict__
+
+
+def test_saved_mlp_head_predicts_without_importing_torch(data, tmp_path):
+    (X, y), (X_test, _) = data
+    head = small_mlp(max_epochs=3).fit(X, y)
+    save_head(head, tmp_path / "mlp.joblib")
+    np.save(tmp_path / "x.npy", X_test)
+    code = ("import sys, numpy as np; from stylegen.heads import load_head; "
+            f"h = load_head({str(tmp_path / 'mlp.joblib')!r}); "
+            f"np.save({str(tmp_path / 'p.npy')!r}, h.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), head.predict_proba(X_test), atol=1e-6)
 
 
 def test_vote_arithmetic_by_hand():
