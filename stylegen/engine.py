@@ -42,7 +42,6 @@ from stylegen.store import Index
 
 METHODS = ("head", "knn", "ensemble")
 BY = ("style", "content", "both")
-HEADS_DIR = "heads"
 
 QueryItem = str | Path | bytes | Image.Image | int
 
@@ -222,7 +221,7 @@ class Engine:
     @property
     def head_config(self) -> dict[str, Any]:
         if self._head_config is None:
-            from stylegen.train import read_head_set
+            from stylegen.heads.io import read_head_set
 
             cfg = read_head_set(self.index.root)
             if cfg["feature_id"] != self.index.feature_id:
@@ -233,13 +232,13 @@ class Engine:
     def head(self, name: str) -> Any:
         """One trained head, loaded from disk the first time it is asked for."""
         if name not in self._heads:
-            from stylegen.heads import load_head
+            from stylegen.heads import load_predictor
 
             path = Path(self.head_config["dir"]) / f"{name}.joblib"
             if name not in self.head_config["heads"] or not path.is_file():
                 raise ModelNotFoundError(f"head {name!r} is not trained in {self.index.root} "
                                          f"(trained: {', '.join(self.head_config['heads'])})")
-            self._heads[name] = load_head(path, expect_feature_id=self.index.feature_id)
+            self._heads[name] = load_predictor(path, expect_feature_id=self.index.feature_id)
         return self._heads[name]
 
     @property

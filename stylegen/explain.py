@@ -92,7 +92,7 @@ def leave_out_vectors(engine: Any, raw: dict[str, np.ndarray], blocks: list[tupl
 def voters(engine: Any, vector: np.ndarray, row: int | None) -> list[dict[str, Any]]:
     """The labelled covers of the kNN vote with their weights, heaviest first."""
     from stylegen.errors import ModelNotFoundError
-    from stylegen.heads.knn import _weights
+    from stylegen.heads.compiled import weights_of as _weights
 
     try:
         head = engine.head("knn")

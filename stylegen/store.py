@@ -8,6 +8,10 @@ Layout of an index directory ``DIR``::
         index.faiss        inner-product index over the normalised vectors
         vectors.npy        the same vectors (float32), for heads and per-part search
         metadata.parquet   one row per vector: image, path, content_hash, genres, ...
+                           (row groups of METADATA_ROW_GROUP rows: a query reads only the
+                           groups holding the rows it returns)
+        hashes.npy         content hashes sorted, with their rows: found by binary search on
+                           a memory map, without reading the metadata
         compressor.npz     fitted per-part projections (frozen until a deliberate refit)
     DIR/shards/            append-only ingest shards: raw part vectors (float16) + metadata,
                            keyed by content hash (:mod:`stylegen.shards`); a build reads them
@@ -28,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from stylegen import ann
 from stylegen.compress import Compressor
@@ -43,6 +49,7 @@ from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
 
 FORMAT_VERSION = 1
+METADATA_ROW_GROUP = 4096  # rows per parquet row group of metadata.parquet
 
 
 def choose_index_key(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
@@ -74,19 +81,107 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return diffs
 
 
+class MetadataTable:
+    """An index's metadata.parquet, kept on disk: rows are read by position, row group by
+    row group, and the whole table only when asked for (training, evaluation, building).
+
+    The file is opened memory-mapped once, so a snapshot replaced and removed by a later
+    write stays readable for as long as this object lives.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = pq.ParquetFile(path, memory_map=True)
+        md = self._file.metadata
+        self._starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        self._lock = threading.Lock()  # one reader of the file at a time (the service's threads)
+        self._whole: pd.DataFrame | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._file.schema_arrow.names)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the whole table has been read into memory."""
+        return self._whole is not None
+
+    def whole(self) -> pd.DataFrame:
+        if self._whole is None:
+            with self._lock:
+                self._whole = self._file.read().to_pandas()
+        return self._whole
+
+    def take(self, ids: Sequence[int]) -> pd.DataFrame:
+        """Rows ``ids`` in that order, indexed by their positions (like ``iloc``)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"metadata rows out of range 0..{len(self) - 1}")
+        if self._whole is not None:
+            return self._whole.iloc[ids]
+        if not len(ids):
+            return self._file.schema_arrow.empty_table().to_pandas()
+        groups = np.searchsorted(self._starts, ids, side="right") - 1
+        needed = np.unique(groups)
+        with self._lock:
+            table = self._file.read_row_groups(needed.tolist())
+        sizes = np.diff(self._starts)[needed]
+        first = dict(zip(needed.tolist(), np.cumsum(np.r_[0, sizes[:-1]]).tolist(), strict=True))
+        local = ids - self._starts[groups] + np.array([first[g] for g in groups.tolist()], np.int64)
+        frame = table.take(local).to_pandas()
+        frame.index = ids
+        return frame
+
+    def column(self, name: str) -> np.ndarray:
+        if self._whole is not None:
+            return self._whole[name].to_numpy()
+        with self._lock:
+            return self._file.read(columns=[name]).column(name).to_numpy(zero_copy_only=False)
+
+
+def write_hash_table(path: Path, hashes: Sequence[str | None]) -> None:
+    """``hashes.npy``: the content hashes (missing ones left out) sorted, ties by row, with
+    their rows."""
+    rows = np.array([i for i, h in enumerate(hashes) if isinstance(h, str) and h], dtype=np.int64)
+    keys = np.array([hashes[i] for i in rows], dtype="S") if len(rows) else np.zeros(0, "S1")
+    order = np.argsort(keys, kind="stable")
+    table = np.empty(len(rows), dtype=[("key", keys.dtype), ("row", "<i8")])
+    table["key"], table["row"] = keys[order], rows[order]
+    np.save(path, table)
+
+
+def lookup_sorted(table: np.ndarray, hashes: Sequence[str | None]) -> list[int | None]:
+    """Rows of ``hashes`` in a :func:`write_hash_table` table (the first row of a repeated hash)."""
+    keys = table["key"]
+    out: list[int | None] = []
+    for h in hashes:
+        key = h.encode() if h else b""
+        at = int(np.searchsorted(keys, key, side="left")) if key else len(keys)
+        out.append(int(table["row"][at]) if at < len(keys) and keys[at] == key else None)
+    return out
+
+
 @dataclass
 class Index:
-    """A stylegen index opened from disk (read-only view of one snapshot)."""
+    """A stylegen index opened from disk (read-only view of one snapshot).
+
+    Vectors and the FAISS index are memory-mapped or loaded; the metadata stays on disk
+    (:class:`MetadataTable`): the query side reads only the rows it returns (:meth:`rows`) and
+    finds covers by content hash in ``hashes.npy`` (:meth:`lookup_hashes`). ``metadata``
+    loads the whole table, for callers that need every row.
+    """
 
     root: Path
     snapshot: Path
     manifest: dict[str, Any]
-    metadata: pd.DataFrame
+    table: MetadataTable
     vectors: np.ndarray
     compressor: Compressor
     faiss_index: faiss.Index
     _part_indexes: dict[str, faiss.Index] = field(default_factory=dict, repr=False)
-    _hash_rows: dict[str, int] | None = field(default=None, repr=False)
+    _hashes: np.ndarray | dict[str, int] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, root: str | Path, use_gpu: bool | None = None) -> Index:
@@ -97,19 +192,25 @@ class Index:
         snap = root / current.read_text().strip()
         try:
             manifest = json.loads((snap / "manifest.json").read_text())
-            metadata = pd.read_parquet(snap / "metadata.parquet")
+            table = MetadataTable(snap / "metadata.parquet")
             vectors = np.load(snap / "vectors.npy", mmap_mode="r")
             compressor = Compressor.load(snap / "compressor.npz")
             index = ann.read_index(snap / "index.faiss", manifest.get("index_key", ""), manifest.get("search_params"))
+            hashes = np.load(snap / "hashes.npy", mmap_mode="r") if (snap / "hashes.npy").is_file() else None
         except (OSError, ValueError, RuntimeError) as exc:
             raise IndexNotFoundError(f"index at {root} is damaged: {exc}") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise IndexMismatchError(f"index format {manifest.get('format_version')} is not supported")
         index = ann.to_gpu(index, manifest.get("index_key", ""), use_gpu)
-        return cls(root, snap, manifest, metadata, vectors, compressor, index)
+        return cls(root, snap, manifest, table, vectors, compressor, index, _hashes=hashes)
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
+
+    @property
+    def metadata(self) -> pd.DataFrame:
+        """The whole metadata table (read on first use, then kept)."""
+        return self.table.whole()
 
     @property
     def config(self) -> EmbedConfig:
@@ -134,15 +235,18 @@ class Index:
         return {p: tuple(s) for p, s in self.manifest["slices"].items()}
 
     def rows(self, ids: Sequence[int]) -> pd.DataFrame:
-        """Metadata of the given rows, in that order (the only way the query side reads it)."""
-        return self.metadata.iloc[list(ids)]
+        """Metadata of the given rows, in that order, indexed by row (the query side's reader:
+        only the row groups holding them are read)."""
+        return self.table.take(ids)
 
     def lookup_hashes(self, hashes: Sequence[str | None]) -> list[int | None]:
         """Row of the cover with each content hash, or None when it is not in the index."""
-        if self._hash_rows is None:
-            col = self.metadata["content_hash"].to_numpy()
-            self._hash_rows = {h: i for i, h in reversed(list(enumerate(col)))}
-        return [self._hash_rows.get(h) if h else None for h in hashes]
+        if isinstance(self._hashes, np.ndarray):
+            return lookup_sorted(self._hashes, hashes)
+        if self._hashes is None:  # a snapshot written before hashes.npy: read the column once
+            col = self.table.column("content_hash")
+            self._hashes = {h: i for i, h in reversed(list(enumerate(col)))}
+        return [self._hashes.get(h) if h else None for h in hashes]
 
     def check_compatible(self, config: EmbedConfig) -> None:
         """Refuse a query embedded with other settings than the collection."""
@@ -215,7 +319,10 @@ def write_snapshot(
             faiss_index = built.index
             manifest = {**manifest, **built.manifest_entry()}
         faiss.write_index(faiss_index, str(tmp / "index.faiss"))
-        metadata.reset_index(drop=True).to_parquet(tmp / "metadata.parquet", index=False)
+        metadata = metadata.reset_index(drop=True)
+        metadata.to_parquet(tmp / "metadata.parquet", index=False, row_group_size=METADATA_ROW_GROUP)
+        write_hash_table(tmp / "hashes.npy", metadata["content_hash"].tolist()
+                         if "content_hash" in metadata else [None] * len(metadata))
         compressor.save(tmp / "compressor.npz")
         for part, x in (raw or {}).items():
             np.save(tmp / f"raw_{part}.npy", x.astype(np.float16))

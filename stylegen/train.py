@@ -23,12 +23,12 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupShuffleSplit
 
 from stylegen import heads as head_classes
-from stylegen.errors import DataError, ModelNotFoundError, StylegenError
+from stylegen.errors import DataError, StylegenError
+from stylegen.heads.io import HEADS_DIR, read_head_set  # noqa: F401 (read_head_set: re-exported)
 from stylegen.labels import Taxonomy, multi_labels, single_labels
 from stylegen.store import Index, atomic_write_text
 
 HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")
-HEADS_DIR = "heads"
 
 
 def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str, Any]:
@@ -207,18 +207,3 @@ def write_head_set(root: Path, heads: dict[str, Any], config: dict[str, Any], fe
         if old.name != name and old.exists():
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return base / name
-
-
-def read_head_set(root: str | Path) -> dict[str, Any]:
-    """``heads.json`` of the live head set, with ``"dir"``: the folder holding its files."""
-    base = Path(root) / HEADS_DIR
-    current = base / "CURRENT"
-    folder = base / current.read_text().strip() if current.is_file() else base  # before sets: flat
-    path = folder / "heads.json"
-    if not path.is_file():
-        raise ModelNotFoundError(f"no trained heads in {root} (run `stylegen train --index {root}`)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
-    return {**config, "dir": str(folder)}

@@ -22,6 +22,7 @@ from stylegen.heads import (
     LinearHead,
     MLPHead,
     load_head,
+    load_predictor,
     read_head_info,
     save_head,
     vote,
@@ -131,7 +132,7 @@ def test_mlp_early_stopping_restores_best_epoch(data):
                          [((16, 8), 0, ()), ((), 0, ()), ((16,), 5, (4,)), ((16,), 5, ())])
 def test_mlp_numpy_forward_equals_the_torch_network(hidden, n_table, tabular_hidden):
     from stylegen.heads._mlp_torch import Net, to_weights
-    from stylegen.heads.mlp import forward
+    from stylegen.heads.compiled import forward
 
     torch.manual_seed(0)
     net = Net(32, n_table, 4, hidden, tabular_hidden, dropout=0.5).eval()
@@ -272,7 +273,8 @@ def test_save_load_round_trip(name, data, tmp_path):
     (X, y), (X_test, _) = data
     head = FACTORIES[name](False).fit(X, y)
     path = save_head(head, tmp_path / "heads" / "genre.joblib", feature_id="gram-abc")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["genre.joblib", "genre.joblib.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["genre.joblib", "genre.joblib.json",
+                                                            "genre.joblib.predict.npz"]
     info = read_head_info(path)
     assert info["head"] == type(head).__name__ and info["classes"] == CLASSES.tolist()
     assert info["feature_id"] == "gram-abc"
@@ -280,6 +282,53 @@ def test_save_load_round_trip(name, data, tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(X_test), head.predict_proba(X_test))
     with pytest.raises(IndexMismatchError, match="gram-abc"):
         load_head(path, expect_feature_id="clip-xyz")
+    with pytest.raises(IndexMismatchError, match="gram-abc"):
+        load_predictor(path, expect_feature_id="clip-xyz")
+
+
+def test_linear_head_compiles_to_the_arithmetic_of_its_scikit_learn_pipeline(data):
+    """Compiled probabilities against scikit-learn's own predict_proba: multinomial, binary
+    (one coefficient row, a sigmoid) and one-vs-rest multi-label."""
+    (X, y), (X_test, _) = data
+    Xm, ym = multi_blobs(300, 5)
+    two = np.where(np.isin(y, ["country", "jazz"]), "calm", "loud")
+    for head, X_fit, y_fit in ((LinearHead(), X, y), (LinearHead(), X, two),
+                               (LinearHead(multi_label=True), Xm, ym), (LinearHead(scale=False), X, y)):
+        head.fit(X_fit, y_fit)
+        expected = head.model_.predict_proba(X_test)
+        np.testing.assert_allclose(head.compile().predict_proba(X_test), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_saved_heads_predict_alike_without_scikit_learn_or_torch(multi, data, tmp_path):
+    (X, y), (X_test, _) = data
+    if multi:
+        X, y = multi_blobs(300, 3)
+    exclude = np.full(len(X_test), -1)
+    exclude[:5] = [0, 1, 2, 3, 4]  # a query that is a fitted row leaves its own vote out
+    expected = {}
+    for name, factory in FACTORIES.items():
+        head = factory(multi).fit(X, y)
+        save_head(head, tmp_path / f"{name}.joblib", feature_id="f")
+        expected[name] = head.predict_proba(X_test, exclude=exclude)
+    np.save(tmp_path / "x.npy", X_test)
+    np.save(tmp_path / "exclude.npy", exclude)
+    code = f"""
+import sys, numpy as np
+from pathlib import Path
+from stylegen.heads import load_predictor
+root = Path({str(tmp_path)!r})
+x, exclude = np.load(root / "x.npy"), np.load(root / "exclude.npy")
+for name in {list(FACTORIES)!r}:
+    np.save(root / f"{{name}}.p.npy", load_predictor(root / f"{{name}}.joblib", expect_feature_id="f")
+            .predict_proba(x, exclude=exclude))
+print(sorted(m for m in ("sklearn", "torch", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    for name, want in expected.items():
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.p.npy"), want, atol=1e-6, err_msg=name)
 
 
 def test_load_errors(tmp_path, data):

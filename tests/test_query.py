@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,31 @@ def test_indexed_cover_gets_one_answer_by_path_upload_and_id(planted):
     stranger, _, _ = engine.predict_proba(lib.vector[None], "knn", rows=[None])
     assert not np.allclose(lib.proba, stranger[0], rtol=0.01, atol=0)  # votes are near-unanimous here: compare relatively
     assert [g["probability"] for g in cli["genres"]] == pytest.approx(sorted(lib.proba, reverse=True)[:3], abs=1e-6)
+
+
+def test_a_query_reads_metadata_rows_not_the_whole_table(planted):
+    root, idx = planted
+    engine = Engine.open(idx)
+    found = engine.query(root / "img" / "metal3.png", method="ensemble", k=5)
+    stranger = engine.query(Image.open(root / "img" / "pop1.png").convert("RGB"), method="knn", k=5)
+    assert found.row == 11 and stranger.row is None and len(stranger.neighbours) == 5
+    assert not engine.index.table.loaded
+
+
+def test_the_query_path_loads_neither_scikit_learn_nor_torch(planted):
+    """Cold start: heads are read in their compiled form, metadata row by row."""
+    root, idx = planted
+    code = f"""
+import sys
+from stylegen.engine import Engine
+engine = Engine.open({str(idx)!r})
+for method in ("head", "knn", "ensemble"):
+    r = engine.query({str(root / "img" / "metal3.png")!r}, method=method, k=3)
+print(r.label, r.row, sorted(m for m in ("sklearn", "torch", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[1:] == ["11", "[]"]
 
 
 def test_is_query_is_decided_by_content_hash_not_similarity(planted, tmp_path):

@@ -12,7 +12,9 @@ Every head also shares one calling contract, so callers never special-case a hea
 * ``tabular`` holds per-item numeric features (rows aligned with ``X``) for hybrid heads;
   heads that do not read a table ignore it.
 
-Names are imported lazily: loading a linear or kNN head never imports torch.
+Names are imported lazily. Each fitted head compiles to plain arrays
+(:mod:`stylegen.heads.compiled`, ``head.compile()``), which is how every head predicts;
+:func:`load_predictor` loads that form without scikit-learn or torch (the query path).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _WHERE = {
     "EnsembleHead": "ensemble",
     "HierarchicalHead": "hierarchical",
     "load_head": "io",
+    "load_predictor": "io",
     "read_head_info": "io",
     "save_head": "io",
     "KNNHead": "knn",

@@ -10,17 +10,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
+from stylegen.heads.compiled import CompiledEnsemble, align_columns
 from stylegen.labels import decode_predictions, encode_targets, grouped_split
-
-
-def align_columns(proba: np.ndarray, have: Sequence[Any], want: Sequence[Any]) -> np.ndarray:
-    """Reorder ``proba``'s columns from classes ``have`` to ``want``; absent classes get 0."""
-    position = {c: i for i, c in enumerate(have)}
-    out = np.zeros((len(proba), len(want)))
-    for j, c in enumerate(want):
-        if c in position:
-            out[:, j] = proba[:, position[c]]
-    return out
 
 
 def log_loss(proba: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
@@ -73,15 +64,16 @@ class EnsembleHead(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
+    def compile(self) -> CompiledEnsemble:
+        """Both parts compiled (a part without ``compile`` is kept as it is)."""
+        check_is_fitted(self)
+        parts = [getattr(est, "compile", lambda e=est: e)() for est in (self.head_, self.knn_)]
+        return CompiledEnsemble(self.classes_, self.multi_label_, *parts, self.weight_)
+
     def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
                       tabular: np.ndarray | None = None) -> np.ndarray:
         """Blended probabilities; both parts get the same arguments (the head contract)."""
-        check_is_fitted(self)
-        p_head = align_columns(self.head_.predict_proba(X, exclude=exclude, tabular=tabular),
-                               self.head_.classes_, self.classes_)
-        p_knn = align_columns(self.knn_.predict_proba(X, exclude=exclude, tabular=tabular),
-                              self.knn_.classes_, self.classes_)
-        return self.weight_ * p_head + (1 - self.weight_) * p_knn
+        return self.compile().predict_proba(X, exclude=exclude, tabular=tabular)
 
     def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
                 tabular: np.ndarray | None = None) -> Any:

@@ -42,6 +42,11 @@ class HierarchicalHead(ClassifierMixin, BaseEstimator):
         self.levels_ = [level_name(level) for level in range(max(depths))] + ["fine"]
         return self
 
+    def compile(self) -> Any:
+        """The base head's compiled form (levels are rolled up from its fine genres)."""
+        check_is_fitted(self)
+        return self.base_.compile()
+
     def predict_proba(self, X: Any, **kwargs: Any) -> np.ndarray:
         check_is_fitted(self)
         return self.base_.predict_proba(X, **kwargs)

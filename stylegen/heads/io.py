@@ -1,8 +1,11 @@
-"""Save and load fitted heads: a joblib file plus a JSON sidecar naming what it was fitted on.
+"""Save and load fitted heads: a joblib file plus a JSON sidecar naming what it was fitted on,
+and the head's compiled form (``<path>.predict.npz``, :mod:`stylegen.heads.compiled`).
 
 The sidecar ``<path>.json`` records the head's class, parameters, classes and the caller's
 ``feature_id`` (which vectors it was fitted on), so a head can be checked without unpickling.
-Loading unpickles the head: only load files you trust.
+:func:`load_head` unpickles the estimator (only load files you trust; it needs scikit-learn,
+and torch for heads saved before the MLP kept numpy weights); :func:`load_predictor` loads
+the compiled form, plain arrays, with neither.
 """
 
 from __future__ import annotations
@@ -14,20 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
 
 from stylegen.errors import DataError, IndexMismatchError, ModelNotFoundError
+from stylegen.heads.compiled import Compiled, load_compiled, save_compiled
 
 FORMAT = 1
+HEADS_DIR = "heads"  # an index's head sets: DIR/heads/set-N/ named in DIR/heads/CURRENT
 
 
 def sidecar_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+def compiled_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".predict.npz")
 
 
 def _jsonable(value: Any) -> Any:
@@ -38,12 +44,12 @@ def _jsonable(value: Any) -> Any:
         return value.item()
     if isinstance(value, (list, tuple, np.ndarray)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, BaseEstimator):
+    if hasattr(value, "get_params"):  # an estimator
         return {"class": type(value).__name__, "params": _params(value)}
     return f"<{type(value).__name__}>"
 
 
-def _params(head: BaseEstimator) -> dict[str, Any]:
+def _params(head: Any) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in head.get_params(deep=False).items()}
 
 
@@ -60,8 +66,13 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_head(head: BaseEstimator, path: str | Path, *, feature_id: str | None = None) -> Path:
-    """Write ``head`` to ``path`` and its sidecar to ``<path>.json``; returns ``path``."""
+def save_head(head: Any, path: str | Path, *, feature_id: str | None = None) -> Path:
+    """Write ``head`` to ``path``, its compiled form to ``<path>.predict.npz`` (heads with
+    ``compile``) and its sidecar to ``<path>.json``; returns ``path``."""
+    import joblib
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
     path = Path(path)
     try:
         check_is_fitted(head)
@@ -76,6 +87,11 @@ def save_head(head: BaseEstimator, path: str | Path, *, feature_id: str | None =
         "feature_id": feature_id,
     }
     _atomic_write(path, lambda tmp: joblib.dump(head, tmp))
+    if hasattr(head, "compile"):
+        compiled = head.compile()
+        _atomic_write(compiled_path(path), lambda tmp: save_compiled(compiled, tmp))
+    else:
+        compiled_path(path).unlink(missing_ok=True)
     text = json.dumps(info, indent=2)
     _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
@@ -94,17 +110,24 @@ def read_head_info(path: str | Path) -> dict[str, Any]:
         raise DataError(f"sidecar of head {path} is not valid JSON: {exc}") from exc
 
 
-def load_head(path: str | Path, *, expect_feature_id: str | None = None) -> BaseEstimator:
+def _checked_info(path: Path, expect_feature_id: str | None) -> dict[str, Any]:
+    info = read_head_info(path)
+    if expect_feature_id is not None and info.get("feature_id") != expect_feature_id:
+        raise IndexMismatchError(f"head {path} was fitted on features {info.get('feature_id')!r}, "
+                                 f"not {expect_feature_id!r}")
+    return info
+
+
+def load_head(path: str | Path, *, expect_feature_id: str | None = None) -> Any:
     """Load a head saved by :func:`save_head`.
 
     With ``expect_feature_id``, a head fitted on other vectors raises IndexMismatchError
     before anything is unpickled.
     """
+    import joblib
+
     path = Path(path)
-    info = read_head_info(path)
-    if expect_feature_id is not None and info.get("feature_id") != expect_feature_id:
-        raise IndexMismatchError(f"head {path} was fitted on features {info.get('feature_id')!r}, "
-                                 f"not {expect_feature_id!r}")
+    info = _checked_info(path, expect_feature_id)
     try:
         head = joblib.load(path)
     except Exception as exc:  # a truncated or foreign file: report it in one line
@@ -113,3 +136,31 @@ def load_head(path: str | Path, *, expect_feature_id: str | None = None) -> Base
     if type(head).__name__ != info.get("head") or classes != info.get("classes"):
         raise DataError(f"head {path} does not match its sidecar (saved by another run?)")
     return head
+
+
+def load_predictor(path: str | Path, *, expect_feature_id: str | None = None) -> Compiled | Any:
+    """What the query path predicts with: the compiled form of the head saved at ``path``
+    (no scikit-learn, no torch), or the unpickled head when it has none (older head sets)."""
+    path = Path(path)
+    info = _checked_info(path, expect_feature_id)
+    if not compiled_path(path).is_file():
+        return load_head(path, expect_feature_id=expect_feature_id)
+    head = load_compiled(compiled_path(path))
+    if [str(c) for c in head.classes_] != info.get("classes"):
+        raise DataError(f"head {path} does not match its sidecar (saved by another run?)")
+    return head
+
+
+def read_head_set(root: str | Path) -> dict[str, Any]:
+    """``heads.json`` of the live head set, with ``"dir"``: the folder holding its files."""
+    base = Path(root) / HEADS_DIR
+    current = base / "CURRENT"
+    folder = base / current.read_text().strip() if current.is_file() else base  # before sets: flat
+    path = folder / "heads.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"no trained heads in {root} (run `stylegen train --index {root}`)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    return {**config, "dir": str(folder)}

@@ -10,60 +10,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
+from stylegen.heads.compiled import CompiledKNN, vote, vote_multi
 from stylegen.labels import decode_predictions, encode_targets
 
-
-def _weights(similarities: np.ndarray, valid: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax of ``similarities / temperature`` over the valid neighbours of each row."""
-    if temperature <= 0:
-        raise DataError(f"temperature must be positive, got {temperature}")
-    logits = np.where(valid, np.asarray(similarities, dtype=np.float64) / temperature, -np.inf)
-    top = np.max(logits, axis=1, keepdims=True)
-    weights = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
-    total = weights.sum(axis=1, keepdims=True)
-    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-
-
-def vote(
-    similarities: np.ndarray,
-    neighbour_labels: np.ndarray,
-    n_classes: int,
-    temperature: float = 0.1,
-) -> np.ndarray:
-    """Class probabilities (n, n_classes) from (n, k) similarities and class indices.
-
-    Neighbour weights are ``softmax(similarity / temperature)`` over the row's neighbours;
-    a class gets the summed weight of the neighbours carrying it. Label -1 means "no
-    neighbour" and is ignored; a row without neighbours gets the uniform distribution.
-    """
-    labels = np.asarray(neighbour_labels, dtype=np.int64)
-    weights = _weights(similarities, labels >= 0, temperature)
-    proba = np.zeros((len(labels), n_classes))
-    rows = np.broadcast_to(np.arange(len(labels))[:, None], labels.shape)
-    np.add.at(proba, (rows[labels >= 0], labels[labels >= 0]), weights[labels >= 0])
-    proba[~(labels >= 0).any(axis=1)] = 1.0 / n_classes
-    return proba
-
-
-def vote_multi(
-    similarities: np.ndarray,
-    neighbour_labels: np.ndarray,
-    temperature: float = 0.1,
-    valid: np.ndarray | None = None,
-    prior: np.ndarray | None = None,
-) -> np.ndarray:
-    """Per-label probabilities (n, C) from (n, k) similarities and (n, k, C) 0/1 label sets.
-
-    A label's probability is the summed weight of the neighbours carrying it. ``valid`` (n, k)
-    marks real neighbours (default: all); rows without any get ``prior`` (default 1/C each).
-    """
-    labels = np.asarray(neighbour_labels, dtype=np.float64)
-    valid = np.ones(labels.shape[:2], bool) if valid is None else np.asarray(valid, bool)
-    proba = np.einsum("nk,nkc->nc", _weights(similarities, valid, temperature), labels)
-    proba = np.clip(proba, 0.0, 1.0)  # summed weights may exceed 1 by a rounding error
-    empty = ~valid.any(axis=1)
-    proba[empty] = np.full(labels.shape[2], 1.0 / labels.shape[2]) if prior is None else prior
-    return proba
+__all__ = ["KNNHead", "vote", "vote_multi"]
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -96,6 +46,12 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.prior_ = self.targets_.mean(0) if self.multi_label else None
         return self
 
+    def compile(self) -> CompiledKNN:
+        """The fitted state prediction needs (shares this head's faiss index)."""
+        check_is_fitted(self)
+        return CompiledKNN(self.classes_, self.multi_label, self.index_, self.targets_, self.k,
+                           self.temperature, self.prior_)
+
     def kneighbors(
         self, X: np.ndarray, exclude: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -104,33 +60,12 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         ``exclude[i]`` is a fitted row id that query ``i`` must not count as a neighbour
         (itself, when the query is in the fitted set), or -1 for none.
         """
-        check_is_fitted(self)
-        X = _unit_rows(X)
-        if X.shape[1] != self.n_features_in_:
-            raise DataError(f"queries have {X.shape[1]} dims, the head {self.n_features_in_}")
-        extra = 0 if exclude is None else 1
-        sims, ids = self.index_.search(X, min(self.k + extra, self.index_.ntotal))
-        drop = ids < 0
-        if exclude is not None:
-            exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
-            if len(exclude) != len(X):
-                raise DataError(f"exclude has {len(exclude)} entries for {len(X)} queries")
-            drop |= ids == exclude[:, None]
-        order = np.argsort(drop, axis=1, kind="stable")[:, : self.k]  # kept neighbours first
-        sims, ids = np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
-        dropped = np.take_along_axis(drop, order, 1)
-        return np.where(dropped, -np.inf, sims), np.where(dropped, -1, ids)
+        return self.compile().kneighbors(X, exclude)
 
     def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
                       tabular: np.ndarray | None = None) -> np.ndarray:
         """Vote of the neighbours, leaving fitted row ``exclude[i]`` out of query ``i``'s vote."""
-        sims, ids = self.kneighbors(X, exclude)
-        valid = ids >= 0
-        if self.multi_label:
-            labels = np.where(valid[..., None], self.targets_[np.maximum(ids, 0)], 0.0)
-            return vote_multi(sims, labels, self.temperature, valid, self.prior_)
-        labels = np.where(valid, self.targets_[np.maximum(ids, 0)], -1)
-        return vote(sims, labels, len(self.classes_), self.temperature)
+        return self.compile().predict_proba(X, exclude)
 
     def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
                 tabular: np.ndarray | None = None) -> Any:

@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
+from stylegen.heads.compiled import CompiledLinear
 from stylegen.labels import decode_predictions, encode_targets
 
 
@@ -76,12 +77,35 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             return np.array([est.C_ for est in model.estimators_])
         return model.C_
 
+    def compile(self) -> CompiledLinear:
+        """Scaler and logistic regression(s) as arrays: softmax (sigmoid for two classes) of
+        ``((x - mean) / scale) @ coef.T + intercept``, or one sigmoid per label."""
+        check_is_fitted(self)
+        scaler, logistic = self.model_[0], self.model_[-1]
+        d = self.n_features_in_
+        mean, scale = ((np.zeros(d), np.ones(d)) if scaler == "passthrough"
+                       else (scaler.mean_, scaler.scale_))
+        if self.multi_label:
+            coef, intercept = [], []
+            for est in logistic.estimators_:
+                if hasattr(est, "coef_"):
+                    coef.append(est.coef_[0])
+                    intercept.append(float(est.intercept_[0]))
+                else:  # a label constant in training: scikit-learn's _ConstantPredictor
+                    coef.append(np.zeros(d))
+                    intercept.append(np.inf if est.y_.ravel()[0] else -np.inf)
+            coef, intercept = np.array(coef), np.array(intercept)
+        else:
+            coef, intercept = logistic.coef_, logistic.intercept_
+        return CompiledLinear(self.classes_, self.multi_label, np.asarray(mean, np.float64),
+                              np.asarray(scale, np.float64), np.asarray(coef, np.float64),
+                              np.asarray(intercept, np.float64))
+
     def predict_proba(self, X: np.ndarray, exclude: np.ndarray | None = None,
                       tabular: np.ndarray | None = None) -> np.ndarray:
         """Class probabilities; ``exclude`` and ``tabular`` are part of the heads' shared calling
         contract (see :mod:`stylegen.heads`) and do not change a linear model's answer."""
-        check_is_fitted(self)
-        return self.model_.predict_proba(check_array(X, dtype=np.float32))
+        return self.compile().predict_proba(X)
 
     def predict(self, X: np.ndarray, exclude: np.ndarray | None = None,
                 tabular: np.ndarray | None = None) -> np.ndarray | list[list[str]]:

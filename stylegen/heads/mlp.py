@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
 from stylegen.errors import DataError
+from stylegen.heads.compiled import CompiledMLP, standardise_table
 from stylegen.labels import decode_predictions, encode_targets, grouped_split
-from stylegen.numeric import matmul
 
 MODES = ("image", "tabular", "hybrid")
-Layers = list[tuple[np.ndarray, np.ndarray]]
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):
@@ -65,60 +64,30 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.num_threads = num_threads
         self.n_models = n_models
 
-    def _inputs(self, X: Any, tabular: Any, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Validated (image, standardised table) float32 arrays; unused ones have 0 columns."""
+    def _training_inputs(self, X: Any, tabular: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (image, standardised table) float32 arrays of the training rows (unused
+        ones have 0 columns); sets the table's columns, mean and scale."""
         if self.mode not in MODES:
             raise DataError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode != "tabular" and X is None:
-            raise DataError(f"mode {self.mode!r} needs image vectors X")
-        if self.mode != "image" and tabular is None:
-            raise DataError(f"mode {self.mode!r} needs a tabular table")
-        table = self._table(tabular, fitting) if self.mode != "image" else None
-        n = len(table) if X is None else len(X)
-        image = np.zeros((n, 0), np.float32) if self.mode == "tabular" else check_array(
-            X, dtype=np.float32)
-        table = np.zeros((n, 0), np.float32) if table is None else table
-        if len(table) != n:
-            raise DataError(f"tabular has {len(table)} rows for {n} image vectors")
-        if not fitting and image.shape[1] != self.n_features_in_:
-            raise DataError(f"X has {image.shape[1]} dims, the head was fitted on "
-                            f"{self.n_features_in_}")
-        return image, table
-
-    def _table(self, tabular: Any, fitting: bool) -> np.ndarray:
-        if isinstance(tabular, pd.DataFrame):
-            columns = getattr(self, "tabular_columns_", None)
-            if fitting:
+        if self.mode != "image" and tabular is not None:
+            if isinstance(tabular, pd.DataFrame):
                 self.tabular_columns_ = [str(c) for c in tabular.columns]
-            elif columns is not None:
-                missing = [c for c in columns if c not in tabular.columns]
-                if missing:
-                    raise DataError(f"tabular lacks columns the head was fitted with: {missing}")
-                tabular = tabular[columns]
-            bad = [str(c) for c, t in tabular.dtypes.items()
-                   if not pd.api.types.is_numeric_dtype(t)]
-            if bad:
-                raise DataError(f"tabular columns must be numeric; not numeric: {bad}")
-        table = np.asarray(tabular, dtype=np.float64)
-        if table.ndim != 2 or not np.isfinite(table).all():
-            raise DataError("tabular must be a 2-D table of finite numbers (fill missing values)")
-        if fitting:
-            self.mean_ = table.mean(axis=0)
-            scale = table.std(axis=0)
+            raw = standardise_table(tabular, None, np.zeros(np.shape(tabular)[-1]),
+                                    np.ones(np.shape(tabular)[-1])).astype(np.float64)
+            self.mean_ = raw.mean(axis=0)
+            scale = raw.std(axis=0)
             self.scale_ = np.where(scale > 1e-12, scale, 1.0)
-        elif table.shape[1] != len(self.mean_):
-            raise DataError(f"tabular has {table.shape[1]} columns, head was fitted on "
-                            f"{len(self.mean_)}")
-        return ((table - self.mean_) / self.scale_).astype(np.float32)
+        n_features = None if X is None or self.mode == "tabular" else np.shape(X)[-1]
+        self.n_features_in_ = 0 if n_features is None else int(n_features)
+        return self.compile(unfitted=True).inputs(X, tabular)
 
     def fit(self, X: Any, y: Any, tabular: Any = None, groups: Any = None) -> MLPHead:
         from stylegen.heads import _mlp_torch
 
         for stale in ("mean_", "scale_", "tabular_columns_"):  # from an earlier fit
             self.__dict__.pop(stale, None)
-        image, table = self._inputs(X, tabular, fitting=True)
+        image, table = self._training_inputs(X, tabular)
         targets, self.classes_ = encode_targets(y, self.multi_label, len(image))
-        self.n_features_in_ = image.shape[1]
         if not isinstance(self.n_models, int | np.integer) or self.n_models < 1:
             raise DataError(f"n_models must be a positive integer, got {self.n_models!r}")
         self.weights_, self.histories_ = [], []
@@ -135,15 +104,18 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.best_epoch_ = int(np.argmin(self.history_)) if has_val else self.n_epochs_ - 1
         return self
 
+    def compile(self, unfitted: bool = False) -> CompiledMLP:
+        """The fitted networks as numpy layers, with the table's columns and standardisation."""
+        if not unfitted:
+            check_is_fitted(self)
+        return CompiledMLP(getattr(self, "classes_", np.array([])), self.multi_label, self.mode,
+                           self.n_features_in_, getattr(self, "weights_", []),
+                           getattr(self, "mean_", None), getattr(self, "scale_", None),
+                           getattr(self, "tabular_columns_", None))
+
     def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
         """Class probabilities; ``exclude`` (shared head contract) has no effect on an MLP."""
-        check_is_fitted(self)
-        image, table = self._inputs(X, tabular, fitting=False)
-        probas = []
-        for weights in self.weights_:
-            logits = forward(weights, image, table).astype(np.float64)
-            probas.append(_sigmoid(logits) if self.multi_label else _softmax(logits))
-        return np.mean(probas, axis=0)
+        return self.compile().predict_proba(X, tabular=tabular)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Heads pickled with torch networks (``nets_``/``net_``) get numpy weights."""
@@ -157,27 +129,3 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any, exclude: Any = None, tabular: Any = None) -> Any:
         return decode_predictions(self.predict_proba(X, tabular=tabular), self.classes_, self.multi_label)
-
-
-def forward(weights: dict[str, Layers], image: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Logits of one network: [image | ReLU layers(table)] -> ReLU layers -> a last layer.
-
-    Dropout is the identity at inference, so the network is its Linear layers and ReLUs.
-    """
-    branch = table  # no table layers: the standardised table itself (0 columns in image mode)
-    for w, b in weights["table"]:
-        branch = np.maximum(matmul(branch, w.T) + b, 0)
-    hidden = np.concatenate([image, branch], axis=1)
-    *layers, (w_out, b_out) = weights["body"]
-    for w, b in layers:
-        hidden = np.maximum(matmul(hidden, w.T) + b, 0)
-    return matmul(hidden, w_out.T) + b_out
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -logits))
