@@ -2,7 +2,7 @@
 """Cold start of the CLI: whole processes, repeated, median wall time and peak RSS.
 
     python scripts/bench_coldstart.py --index /work/indexes/covers [--repeats 5]
-        [--cover PATH] [--baseline /work/main]
+        [--cover PATH] [--baseline /work/main [--baseline-index DIR]]
 
 Times ``stylegen --help`` and ``stylegen classify COVER --index IDX`` (a cover that is not
 in the index, so the featurizer runs) as fresh processes. ``--baseline`` runs the same
@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--cover", type=Path, default=None, help="query image (default: a generated one)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to compare with")
+    ap.add_argument("--baseline-index", type=Path, default=None,
+                    help="the index the baseline reads (default: --index), e.g. one whose heads "
+                         "the baseline's code trained")
     a = ap.parse_args()
     cover = a.cover
     tmp = tempfile.TemporaryDirectory()
@@ -73,24 +76,29 @@ def main() -> None:
         rgb = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(cover)
     stylegen = [sys.executable, "-c", "from stylegen.cli import main; main()"]
-    classify = [*stylegen, "classify", str(cover), "--index", str(a.index)]
-    commands = {"stylegen --help": [*stylegen, "--help"],
+    def commands_for(index: Path) -> dict[str, list[str]]:
+        classify = [*stylegen, "classify", str(cover), "--index", str(index)]
+        return {"stylegen --help": [*stylegen, "--help"],
                 "stylegen classify COVER --index IDX": classify,
-                "stylegen classify COVER --index IDX --method ensemble": [*classify, "--method", "ensemble"]}
-    checkouts = {"this checkout": str(ROOT)}
+                **{f"stylegen classify COVER --index IDX --method {m}": [*classify, "--method", m]
+                   for m in ("knn", "ensemble")}}
+
+    checkouts = {"this checkout": (str(ROOT), commands_for(a.index))}
     if a.baseline is not None:
-        checkouts = {f"baseline {a.baseline}": str(a.baseline), **checkouts}
+        checkouts = {f"baseline {a.baseline}": (str(a.baseline), commands_for(a.baseline_index or a.index)),
+                     **checkouts}
     print(cpu_line())
-    for path in checkouts.values():  # warm the page cache and the export cache
+    for path, commands in checkouts.values():  # warm the page cache and the export cache
         for cmd in commands.values():
             _, _, code = run(cmd, path)
             if code:
                 sys.exit(f"{' '.join(cmd)} failed with exit code {code} (PYTHONPATH={path})")
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    names = list(commands_for(a.index))
     for _ in range(a.repeats):
-        for name, cmd in commands.items():
-            for label, path in checkouts.items():
-                wall, rss, _ = run(cmd, path)
+        for name in names:
+            for label, (path, commands) in checkouts.items():
+                wall, rss, _ = run(commands[name], path)
                 results.setdefault((name, label), []).append((wall, rss))
     print(f"\n{a.repeats} runs each, interleaved; median (min-max)\n")
     print("| command | code | wall s | peak RSS MB |\n|---|---|---:|---:|")

@@ -49,7 +49,7 @@ from stylegen.config import EmbedConfig, Preprocess
 from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
 
 FORMAT_VERSION = 1
-METADATA_ROW_GROUP = 4096  # rows per parquet row group of metadata.parquet
+METADATA_ROW_GROUP = 1024  # rows per parquet row group of metadata.parquet (docs/scale.md)
 
 
 def choose_index_key(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
