@@ -117,7 +117,9 @@ def main() -> None:
     t = time.perf_counter()
     write(a.work, a.n)
     size = (a.work / "metadata.parquet").stat().st_size / 2**20
-    print(f"{platform.processor() or platform.machine()} | {os.cpu_count()} cores | "
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.machine())
+    print(f"{model} | {os.cpu_count()} cores | "
           f"load {os.getloadavg()[0]:.2f} | {a.n:,} rows written in {time.perf_counter() - t:.0f} s, "
           f"parquet {size:.0f} MB")
     print("| metadata | open s | rows of one query (10) ms | hash lookup µs | peak RSS MB |")

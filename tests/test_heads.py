@@ -331,6 +331,16 @@ print(sorted(m for m in ("sklearn", "torch", "scipy") if m in sys.modules))
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.p.npy"), want, atol=1e-6, err_msg=name)
 
 
+def test_an_ensemble_around_a_plain_pipeline_is_saved_without_a_compiled_form(data, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    (X, y), (X_test, _) = data
+    head = EnsembleHead(LogisticRegression(max_iter=500), KNNHead(k=5)).fit(X, y)
+    path = save_head(head, tmp_path / "ens.joblib", feature_id="f")
+    assert not (tmp_path / "ens.joblib.predict.npz").exists()
+    np.testing.assert_allclose(load_predictor(path).predict_proba(X_test), head.predict_proba(X_test))
+
+
 def test_load_errors(tmp_path, data):
     with pytest.raises(ModelNotFoundError):
         load_head(tmp_path / "absent.joblib")

@@ -278,11 +278,17 @@ class CompiledEnsemble:
 
     def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
         """Blended probabilities; both parts get the same arguments (the head contract)."""
-        p_head = align_columns(self.head_.predict_proba(X, exclude=exclude, tabular=tabular),
-                               self.head_.classes_, self.classes_)
-        p_knn = align_columns(self.knn_.predict_proba(X, exclude=exclude, tabular=tabular),
-                              self.knn_.classes_, self.classes_)
+        p_head, p_knn = (align_columns(_part_proba(part, X, exclude, tabular), part.classes_, self.classes_)
+                         for part in (self.head_, self.knn_))
         return self.weight_ * p_head + (1 - self.weight_) * p_knn
+
+
+def _part_proba(part: Any, X: Any, exclude: Any, tabular: Any) -> np.ndarray:
+    """A part's probabilities: stylegen heads take the shared contract's arguments, a plain
+    scikit-learn estimator only ``X``."""
+    if isinstance(part, CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble):
+        return part.predict_proba(X, exclude=exclude, tabular=tabular)
+    return part.predict_proba(X)
 
 
 Compiled = CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble
@@ -339,6 +345,13 @@ def _restore(meta: dict[str, Any], arrays: Any) -> Compiled:
         return CompiledEnsemble(classes, multi, _restore(meta["head"], arrays),
                                 _restore(meta["knn"], arrays), float(meta["weight"]))
     raise DataError(f"unknown compiled head kind {kind!r}")
+
+
+def saveable(head: Any) -> bool:
+    """Whether ``head`` is made only of compiled parts (an ensemble may hold any estimator)."""
+    if isinstance(head, CompiledEnsemble):
+        return saveable(head.head_) and saveable(head.knn_)
+    return isinstance(head, CompiledLinear | CompiledMLP | CompiledKNN)
 
 
 def save_compiled(head: Compiled, path: str | Path) -> None:

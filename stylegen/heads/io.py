@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from stylegen.errors import DataError, IndexMismatchError, ModelNotFoundError
-from stylegen.heads.compiled import Compiled, load_compiled, save_compiled
+from stylegen.heads.compiled import Compiled, load_compiled, save_compiled, saveable
 
 FORMAT = 1
 HEADS_DIR = "heads"  # an index's head sets: DIR/heads/set-N/ named in DIR/heads/CURRENT
@@ -87,10 +87,10 @@ def save_head(head: Any, path: str | Path, *, feature_id: str | None = None) -> 
         "feature_id": feature_id,
     }
     _atomic_write(path, lambda tmp: joblib.dump(head, tmp))
-    if hasattr(head, "compile"):
-        compiled = head.compile()
+    compiled = head.compile() if hasattr(head, "compile") else None
+    if saveable(compiled):
         _atomic_write(compiled_path(path), lambda tmp: save_compiled(compiled, tmp))
-    else:
+    else:  # e.g. an ensemble around a plain scikit-learn pipeline: the pickle serves queries
         compiled_path(path).unlink(missing_ok=True)
     text = json.dumps(info, indent=2)
     _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
