@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,25 @@ def index_ingest_id(index: Index) -> str:
         return m["ingest_id"]
     return ingest_id(index.config, m["backbone"]["weights_id"], m.get("precision", "fp32"),
                      index.preprocess.to_dict())
+
+
+def raw_batches(index: Index, batch_size: int = 8192) -> Iterator[dict[str, np.ndarray]] | None:
+    """The index's raw part vectors (float32), ``batch_size`` rows at a time in row order: from
+    the ingest shards, or the snapshot of an index written before shards existed. None when
+    they are kept nowhere (e.g. an old random-projection index)."""
+    legacy = load_raw(index)
+    if legacy is not None:
+        return ({p: np.asarray(x[a:a + batch_size], np.float32) for p, x in legacy.items()}
+                for a in range(0, len(index), batch_size))
+    wanted = index_ingest_id(index)
+    shards = [s for s in list_shards(index.root) if s.ingest_id == wanted]
+    if not shards:
+        return None
+    try:
+        loc = _locate(shards, index.table.column("content_hash").tolist())
+    except StylegenError:
+        return None
+    return (_gather(shards, loc.iloc[a:a + batch_size]) for a in range(0, len(loc), batch_size))
 
 
 def update_index(

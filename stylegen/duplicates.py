@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from stylegen.compress import combine
 from stylegen.errors import IndexMismatchError, StylegenError
-from stylegen.store import Index, _config_diff, load_raw
+from stylegen.store import Index, _config_diff
 
 DEFAULT_THRESHOLD = 0.70
 EXACT_LIMIT = 100_000  # below this many covers, exact range search
@@ -126,12 +126,14 @@ def comparable_vectors(index: Index, other: Index, by: str) -> np.ndarray:
         raise IndexMismatchError(f"{other.root} was embedded with other settings than {index.root}: {diffs[0]}")
     if other.feature_id == index.feature_id:
         return index.part_vectors(other.vectors, by)
-    raw = load_raw(other)
-    if raw is None:
+    from stylegen.build import raw_batches
+
+    batches = raw_batches(other)
+    if batches is None:
         raise StylegenError(f"{other.root} keeps no raw features (random projection), so it cannot be "
                             f"compared with {index.root}; embed both with --compression pca")
-    vectors, _ = combine(index.compressor.transform(raw), index.config.features.weights)
-    return index.part_vectors(vectors, by)
+    vectors = [combine(index.compressor.transform(raw), index.config.features.weights)[0] for raw in batches]
+    return index.part_vectors(np.concatenate(vectors), by)
 
 
 def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD, by: str = "both",

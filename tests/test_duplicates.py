@@ -19,7 +19,7 @@ from stylegen.duplicates import (
     range_pairs,
 )
 from stylegen.store import Index
-from tests.conftest import COVERS_CSV, needs_real_data, write_index
+from tests.conftest import COVERS_CSV, embed_tiny, make_image, needs_real_data, write_index
 
 
 def planted_raw(rng: np.random.Generator, n: int, copies: dict[int, int], noise: float = 0.02):
@@ -81,6 +81,24 @@ def test_against_reprojects_the_other_collection(tmp_path: Path, rng):
     dups = find_duplicates(a, against=b)
     assert set(zip(dups.pairs["a"], dups.pairs["b"], strict=True)) == {(3, 4), (50, 4), (20, 9)}
     assert [sorted(g.tolist()) for g in dups.groups] == [[3, 50, 51 + 4], [20, 51 + 9]]
+
+
+def test_against_reads_raw_features_from_the_ingest_shards(tmp_path: Path):
+    """Indexes made by `embed` keep raw features in shards, not in the snapshot."""
+    for name, seeds in (("a", range(12)), ("b", range(12, 20))):
+        folder = tmp_path / name
+        rows = [{"image": make_image(folder / f"{s}.png", kind=s % 4, seed=s).name, "genre": "x"} for s in seeds]
+        if name == "b":  # a copy of a's cover 3 under another name
+            (folder / "copy.png").write_bytes((tmp_path / "a" / "3.png").read_bytes())
+            rows.append({"image": "copy.png", "genre": "x"})
+        pd.DataFrame(rows).to_csv(folder / "covers.csv", index=False)
+        embed_tiny(folder / "covers.csv", tmp_path / f"idx_{name}")
+    a, b = Index.open(tmp_path / "idx_a"), Index.open(tmp_path / "idx_b")
+    assert a.feature_id != b.feature_id and not list(b.snapshot.glob("raw_*.npy"))
+    copy = int(np.flatnonzero(b.metadata["image"].str.endswith("copy.png"))[0])
+    dups = find_duplicates(a, against=b, threshold=0.99)  # tiny PCA: look-alikes pair up too
+    sims = {(int(i), int(j)): s for i, j, s in dups.pairs[["a", "b", "similarity"]].itertuples(index=False)}
+    assert sims[(3, copy)] > 0.99999 and max(sims, key=sims.get) == (3, copy)
 
 
 def test_cli_writes_csv_and_html_and_refuses_a_bad_threshold(tmp_path: Path, rng):
