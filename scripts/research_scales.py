@@ -165,7 +165,7 @@ def combine_parts(parts: dict[str, np.ndarray]) -> np.ndarray:
     return combine(parts, weights)[0]
 
 
-def cv(heads: list[str], out: Path) -> None:
+def cv(heads: list[str], out: Path, seed: int = 0, only: str | None = None) -> None:
     from stylegen.evaluate import cross_val_predict_proba, single_label_metrics
     from stylegen.train import make_heads
 
@@ -176,13 +176,15 @@ def cv(heads: list[str], out: Path) -> None:
     y = rows["genre"].to_numpy()[lab]
     results = []
     for name, parts in recipes().items():
+        if only and not (name.startswith("baseline") or any(o in name for o in only.split(","))):
+            continue
         x = combine_parts(parts)[lab]
         for head in heads:
             t = time.perf_counter()
             proba, classes = cross_val_predict_proba(lambda h=head: make_heads(False)[h], x, y,
-                                                     groups, n_splits=5)
+                                                     groups, n_splits=5, random_state=seed)
             m = single_label_metrics(y, proba, classes)
-            res = {"recipe": name, "head": head, "dim": int(x.shape[1]),
+            res = {"recipe": name, "head": head, "fold_seed": seed, "dim": int(x.shape[1]),
                    "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
                    "top3": round(m["top3_accuracy"], 4), "seconds": round(time.perf_counter() - t, 1)}
             results.append(res)
@@ -207,13 +209,15 @@ def main() -> None:
     ap.add_argument("--pyramid", action="store_true")
     ap.add_argument("--heads", default="linear,mlp")
     ap.add_argument("--out", type=Path, default=CACHE / "scales.md")
+    ap.add_argument("--seed", type=int, default=0, help="fold assignment seed (robustness check)")
+    ap.add_argument("--only", default=None, help="comma-separated recipe name parts (baseline always)")
     args = ap.parse_args()
     if not COVERS.is_file():
         raise SystemExit(f"real covers not found at {COVERS} (../shared/data)")
     if args.cmd == "extract":
         extract(args.size, args.pyramid)
     else:
-        cv(args.heads.split(","), args.out)
+        cv(args.heads.split(","), args.out, args.seed, args.only)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def embed(
     weights: Annotated[str | None, typer.Option(help="Local weights file or open_clip pretrained tag.")] = None,
     taps: Annotated[str | None, typer.Option(
         help="Comma-separated tap layers for the Gram matrices, e.g. stage4,stage5,stage6 (new index only).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        min=32, help="Input size in pixels, shorter side resized then centre-cropped (new index only).")] = None,
     parts: Annotated[str | None, typer.Option(help="style | content | both (new index only).")] = None,
     style_weight: Annotated[float | None, typer.Option(help="Weight of the style part (1.0; new index only).")] = None,
     content_weight: Annotated[float | None, typer.Option(help="Weight of the content part (1.0; new index only).")] = None,
@@ -70,7 +72,7 @@ def embed(
     from stylegen.ingest import requested_config
 
     config = requested_config(
-        index, backbone=backbone, weights=weights, taps=_split(taps) if taps else None,
+        index, backbone=backbone, weights=weights, taps=_split(taps) if taps else None, image_size=image_size,
         parts=_parts(parts) if parts else None, style_weight=style_weight, content_weight=content_weight,
         compression=compression, dim=dim, whiten=whiten, flip=flip)
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,

@@ -213,8 +213,8 @@ def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | Non
     """The settings the ``embed`` command's options ask for (None: whatever the index has).
 
     ``options`` are the command's feature settings (``backbone``, ``weights``, ``taps``,
-    ``parts``, ``style_weight``, ``content_weight``, ``compression``, ``dim``, ``whiten``,
-    ``flip``), None when not given. On an existing index the given ones replace the index's
+    ``image_size``, ``parts``, ``style_weight``, ``content_weight``, ``compression``, ``dim``,
+    ``whiten``, ``flip``), None when not given. On an existing index the given ones replace the index's
     own, so any that differ are refused by name; a new index takes defaults for the rest.
     """
     import dataclasses
@@ -225,9 +225,9 @@ def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | Non
         return None
     base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else EmbedConfig()
     bb, ft, cp = base.backbone, base.features, base.compression
-    if "backbone" in given or "weights" in given or "taps" in given:
+    if given.keys() & {"backbone", "weights", "taps", "image_size"}:
         bb = dataclasses.replace(bb, name=given.get("backbone", bb.name), weights=given.get("weights", bb.weights),
-                                 taps=given.get("taps", bb.taps))
+                                 taps=given.get("taps", bb.taps), image_size=given.get("image_size", bb.image_size))
     weights = dict(ft.weights)
     for part in ("style", "content"):
         if f"{part}_weight" in given:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 import stylegen
 import stylegen.features
@@ -146,11 +147,27 @@ def test_embed_refuses_other_dim_and_weights_on_an_existing_index(tmp_path):
     from stylegen.ingest import requested_config
 
     for option, value, field in [("style_weight", 2.0, "features.weights.style"),
-                                 ("content_weight", 0.5, "features.weights.content")]:
+                                 ("content_weight", 0.5, "features.weights.content"),
+                                 ("image_size", 96, "backbone.image_size")]:
         with pytest.raises(stylegen.errors.IndexMismatchError, match=field):
             run(src, tmp_path / "idx", config=requested_config(tmp_path / "idx", **{option: value}))
     assert requested_config(tmp_path / "idx") is None  # nothing asked: the index's own settings
     assert run(src, tmp_path / "idx", config=requested_config(tmp_path / "idx", dim=4)).already_indexed == 3
+
+
+def test_image_size_is_the_collections_and_every_querys_input_size(tmp_path):
+    from stylegen.engine import Engine
+
+    src = folder(tmp_path / "src", 3)
+    result = stylegen_cli("embed", str(src), "--index", str(tmp_path / "idx"), "--image-size", "96",
+                          "--dim", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    engine = Engine.open(tmp_path / "idx")
+    assert engine.index.preprocess.size == 96 and engine.index.config.backbone.image_size == 96
+    first = min(src.rglob("*.png"))
+    stranger = engine.query(Image.open(first).convert("RGB"), k=1, classify=False)  # featurized at 96
+    assert stranger.row is None and np.allclose(stranger.vector, engine.index.vectors[stranger.neighbours[0]["id"]],
+                                                atol=1e-4)
 
 
 def test_adding_covers_keeps_old_vectors_feature_id_and_heads(tmp_path):
