@@ -31,7 +31,7 @@ from stylegen.build import (
     open_current,
     update_index,
 )
-from stylegen.config import EmbedConfig, Preprocess
+from stylegen.config import EmbedConfig, Preprocess, default_config
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.features import Featurizer
 from stylegen.runtime import resolve_device, resolve_precision  # noqa: F401  (re-exported)
@@ -170,7 +170,7 @@ def embed(
         existing = open_current(index_dir)
         if existing is not None and config is not None:
             existing.check_compatible(config)
-        config = config or (existing.config if existing is not None else EmbedConfig())
+        config = config or (existing.config if existing is not None else default_config())
         report, todo = _plan(items, existing)
         built = set(existing.manifest.get("shards", [])) if existing is not None else set()
         unbuilt = [s for s in list_shards(index_dir) if s.name not in built]
@@ -223,11 +223,13 @@ def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | Non
     given = {k: v for k, v in options.items() if v is not None}
     if manifest is not None and not given:
         return None
-    base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else EmbedConfig()
+    base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else default_config()
     bb, ft, cp = base.backbone, base.features, base.compression
     if given.keys() & {"backbone", "weights", "taps", "image_size"}:
+        # another backbone reads its own native size unless one is asked for
+        size = given.get("image_size", None if given.get("backbone", bb.name) != bb.name else bb.image_size)
         bb = dataclasses.replace(bb, name=given.get("backbone", bb.name), weights=given.get("weights", bb.weights),
-                                 taps=given.get("taps", bb.taps), image_size=given.get("image_size", bb.image_size))
+                                 taps=given.get("taps", bb.taps), image_size=size)
     weights = dict(ft.weights)
     for part in ("style", "content"):
         if f"{part}_weight" in given:

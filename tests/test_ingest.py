@@ -170,6 +170,19 @@ def test_image_size_is_the_collections_and_every_querys_input_size(tmp_path):
                                                 atol=1e-4)
 
 
+def test_a_new_index_reads_lite0_at_320_and_another_backbone_at_its_own_size(tmp_path):
+    from stylegen.backbones import describe
+    from stylegen.config import DEFAULT_IMAGE_SIZE
+    from stylegen.ingest import requested_config
+
+    assert DEFAULT_IMAGE_SIZE == 320
+    default = requested_config(tmp_path / "new")
+    assert default is not None and default.backbone.image_size == 320
+    lite1 = requested_config(tmp_path / "new", backbone="efficientnet-lite1")
+    assert lite1.backbone.image_size is None and describe(lite1.backbone).preprocess.size == 240
+    assert requested_config(tmp_path / "new", backbone="efficientnet-lite1", image_size=288).backbone.image_size == 288
+
+
 def test_adding_covers_keeps_old_vectors_feature_id_and_heads(tmp_path):
     from stylegen.engine import Engine
     from stylegen.train import train
