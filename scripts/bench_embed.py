@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Embedding throughput per featurizer runtime, forward pass alone and end to end, in one run.
 
-    python scripts/bench_embed.py [--n 256] [--fwd-n 128] [--repeats 2]
+    python scripts/bench_embed.py [--n 256] [--fwd-n 128] [--repeats 2] [--image-size 320]
         [--runtimes torch,onnx,openvino] [--graph-variants]
 
 * forward: the featurizer alone (``load_featurizer(...)(pixels)``: normalisation, forward
@@ -34,13 +34,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_coldstart import cpu_line
 
 
-def forward(runtime: str, n: int, batch_size: int) -> tuple[float, str]:
+def config(size: int):
+    from stylegen.config import BackboneConfig, EmbedConfig
+
+    return EmbedConfig(backbone=BackboneConfig(image_size=size))
+
+
+def forward(runtime: str, n: int, batch_size: int, size: int) -> tuple[float, str]:
     """Images per second of the featurizer alone, and its precision."""
-    from stylegen.config import EmbedConfig
     from stylegen.runtime import load_featurizer
 
-    feat = load_featurizer(EmbedConfig(), "cpu", "auto", runtime=runtime)
-    pixels = np.random.default_rng(0).integers(0, 255, (batch_size, 224, 224, 3), dtype=np.uint8)
+    feat = load_featurizer(config(size), "cpu", "auto", runtime=runtime)
+    pixels = np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3), dtype=np.uint8)
     for _ in range(2):  # kernels are built over the first calls
         feat(pixels)
     steps = max(1, n // batch_size)
@@ -50,13 +55,13 @@ def forward(runtime: str, n: int, batch_size: int) -> tuple[float, str]:
     return steps * batch_size / (time.perf_counter() - t), feat.precision
 
 
-def end_to_end(csv: Path, runtime: str) -> tuple[float, float]:
-    """(whole call img/s, embedding stage img/s) of stylegen.embed with defaults."""
+def end_to_end(csv: Path, runtime: str, size: int) -> tuple[float, float]:
+    """(whole call img/s, embedding stage img/s) of stylegen.embed with defaults at ``size`` px."""
     import stylegen
 
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        report = stylegen.embed(csv, Path(d) / "idx", device="cpu", runtime=runtime, progress=False)
+        report = stylegen.embed(csv, Path(d) / "idx", config(size), device="cpu", runtime=runtime, progress=False)
         wall = time.perf_counter() - t
     return report.added / wall, report.images_per_second
 
@@ -130,7 +135,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
     ap.add_argument("--runtimes", default="torch,onnx,openvino")
     ap.add_argument("--graph-variants", action="store_true")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="input size for both measurements (default: a new index's, 320)")
     args = ap.parse_args()
+    if args.image_size is None:
+        from stylegen.config import DEFAULT_IMAGE_SIZE
+
+        args.image_size = DEFAULT_IMAGE_SIZE
     if not COVERS.exists():
         sys.exit(f"skipped: real covers not found at {COVERS}")
     from stylegen.embed import default_batch_size
@@ -141,7 +152,7 @@ def main() -> None:
     rows = pd.read_csv(COVERS).sample(args.n, random_state=0)
     rows["image"] = [str(COVERS.parent / p) for p in rows["image"]]
     print(cpu_line())
-    print(f"n={args.n} (end to end), {args.fwd_n} (forward), batch={batch}, OMP_NUM_THREADS="
+    print(f"n={args.n} (end to end), {args.fwd_n} (forward), batch={batch}, input {args.image_size} px, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, runtimes {runtimes}")
     fwd: dict[str, list[float]] = {}
     e2e: dict[str, list[tuple[float, float]]] = {}
@@ -150,12 +161,12 @@ def main() -> None:
         csv = Path(d) / "bench.csv"
         rows.to_csv(csv, index=False)
         for r in runtimes:  # exports (first use) and warm-up, untimed
-            forward(r, batch, batch)
+            forward(r, batch, batch, args.image_size)
         for _ in range(args.repeats):
             for r in runtimes:
-                v, precision[r] = forward(r, args.fwd_n, batch)
+                v, precision[r] = forward(r, args.fwd_n, batch, args.image_size)
                 fwd.setdefault(r, []).append(v)
-                e2e.setdefault(r, []).append(end_to_end(csv, r))
+                e2e.setdefault(r, []).append(end_to_end(csv, r, args.image_size))
     base_f = max(fwd["torch"]) if "torch" in fwd else 1.0
     base_e = max(w for w, _ in e2e["torch"]) if "torch" in e2e else 1.0
     print("\n| runtime | precision | forward img/s | x torch | stylegen embed img/s (whole call) "
@@ -164,7 +175,7 @@ def main() -> None:
         f, w, s = max(fwd[r]), max(x for x, _ in e2e[r]), max(y for _, y in e2e[r])
         print(f"| {r} | {precision[r]} | {f:.1f} | {f / base_f:.2f} | {w:.1f} | {w / base_e:.2f} | {s:.1f} |")
     if args.graph_variants:
-        print("\n| exported graph variant | img/s |\n|---|---:|")
+        print("\n| exported graph variant (224 px) | img/s |\n|---|---:|")
         for name, v in graph_variants(args.fwd_n, batch).items():
             print(f"| {name} | {v:.1f} |")
     print(cpu_line())
