@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -117,11 +116,9 @@ def main() -> None:
     t = time.perf_counter()
     write(a.work, a.n)
     size = (a.work / "metadata.parquet").stat().st_size / 2**20
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.machine())
-    print(f"{model} | {os.cpu_count()} cores | "
-          f"load {os.getloadavg()[0]:.2f} | {a.n:,} rows written in {time.perf_counter() - t:.0f} s, "
-          f"parquet {size:.0f} MB")
+    from bench_coldstart import cpu_line
+
+    print(f"{cpu_line()}\n{a.n:,} rows written in {time.perf_counter() - t:.0f} s, parquet {size:.0f} MB")
     print("| metadata | open s | rows of one query (10) ms | hash lookup µs | peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
     for mode in ("whole", "ondemand"):

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_coldstart import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,17 +40,6 @@ def import_ann_alone():
     from stylegen import ann
 
     return ann
-
-
-def cpu_info() -> str:
-    model, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model.strip():
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} | {os.cpu_count()} cores | {', '.join(simd) or 'no avx2'}"
 
 
 def load() -> str:
@@ -155,7 +144,7 @@ def main() -> None:
     ann = import_ann_alone()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    print(cpu_info())
+    print(cpu_line())
     print(f"start: {load()} | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     snap = args.index / (args.index / "CURRENT").read_text().strip()
     real = np.load(snap / "vectors.npy").astype(np.float32)
@@ -188,7 +177,7 @@ def main() -> None:
               f"rss {r['peak_rss_gb']:.2f} GB disk {r['disk_mb']:.0f} MB recall@10 {r['recall']:.3f} "
               f"p50 {r['p50_ms']:.2f} ms p95 {r['p95_ms']:.2f} ms {r['params']} | {r['load']}", flush=True)
     (args.work / "results.json").write_text(
-        json.dumps({"cpu": cpu_info(), "n": args.n, "noise": args.noise, "rows": rows}, indent=2))
+        json.dumps({"cpu": cpu_line(), "n": args.n, "noise": args.noise, "rows": rows}, indent=2))
     print("\n| index | factory | build s | peak RSS GB | disk MB | recall@10 | p50 ms | p95 ms | params |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -17,28 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_coldstart import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
 COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
-
-
-def cpu() -> str:
-    model, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model.strip():
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
-            if f in flags]
-    return f"{model} | {os.cpu_count()} cores | {', '.join(simd)} | load {os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:
@@ -82,7 +70,7 @@ def main() -> None:
         def get_next(self):
             return next(self.it, None)
 
-    work = Path(os.environ.get("STYLEGEN_CACHE", Path.home() / ".cache" / "stylegen")) / "research"
+    work = runtime.cache_dir() / "research"
     work.mkdir(parents=True, exist_ok=True)
     pre, int8 = work / "fp32-pre.onnx", work / "int8.onnx"
     t = time.perf_counter()
@@ -107,7 +95,7 @@ def main() -> None:
             for b in data:
                 s.run(None, {"pixels": b})
             times[k].append(len(test) / (time.perf_counter() - t))
-    print(cpu())
+    print(cpu_line())
     for k, v in times.items():
         print(f"{k}: forward {statistics.median(v):.1f} img/s (median of {len(v)}; {', '.join(f'{x:.1f}' for x in v)})")
     print(f"int8 / fp32 speed: {statistics.median(times['int8']) / statistics.median(times['fp32']):.2f}x")

@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,50 +44,27 @@ def _npz(size: int, pyramid: bool) -> Path:
 
 
 def export(size: int, pyramid: bool, path: Path) -> list[str]:
-    """ONNX graph: uint8 (B, S, S, 3) -> style (full), [style_q0..q3], content."""
-    import torch
-
+    """ONNX graph (the product's export, other outputs): uint8 (B, S, S, 3) -> style (full),
+    [style_q0..q3], content."""
     from stylegen import backbones
     from stylegen.config import BackboneConfig
-    from stylegen.features import channel_projection, l2_normalize, style_vector
+    from stylegen.features import l2_normalize, style_vector
+    from stylegen.runtime import export_graph
 
-    bb = backbones.build(BackboneConfig(taps=TAPS, image_size=size))
-    with torch.no_grad():
-        acts, _ = bb.forward(torch.zeros(1, 3, size, size))
-    wide = {int(a.shape[1]) for a in acts.values() if a.shape[1] > MAX_CH}
+    def quadrant(a, top: bool, left: bool):
+        h, w = a.shape[2] // 2, a.shape[3] // 2
+        return a[:, :, slice(0, h) if top else slice(h, None), slice(0, w) if left else slice(w, None)]
 
-    class Graph(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = bb.model
-            self.register_buffer("mean", torch.tensor(bb.mean).view(1, 3, 1, 1) * 255)
-            self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1) * 255)
-            for c in wide:
-                self.register_buffer(f"p{c}", channel_projection(c, MAX_CH))
-
-        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-            acts, content = bb.forward(x)
-            proj = {c: getattr(self, f"p{c}") for c in wide}
-            out = [style_vector(acts, True, MAX_CH, proj)]
-            if pyramid:
-                for top in (True, False):
-                    for left in (True, False):
-                        quad = {}
-                        for t, a in acts.items():
-                            h, w = a.shape[2] // 2, a.shape[3] // 2
-                            rows = slice(0, h) if top else slice(h, None)
-                            cols = slice(0, w) if left else slice(w, None)
-                            quad[t] = a[:, :, rows, cols]
-                        out.append(style_vector(quad, True, MAX_CH, proj))
-            return (*out, l2_normalize(content.float()))
+    def outputs(acts: dict, content, proj: dict) -> tuple:
+        out = [style_vector(acts, True, MAX_CH, proj)]
+        if pyramid:
+            out += [style_vector({t: quadrant(a, top, left) for t, a in acts.items()}, True, MAX_CH, proj)
+                    for top in (True, False) for left in (True, False)]
+        return (*out, l2_normalize(content.float()))
 
     names = ["style"] + ([f"style_q{i}" for i in range(4)] if pyramid else []) + ["content"]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Graph().eval(), (torch.zeros(2, size, size, 3, dtype=torch.uint8),),
-                          str(path), input_names=["pixels"], output_names=names, opset_version=17,
-                          dynamo=False, dynamic_axes={"pixels": {0: "b"}, **{n: {0: "b"} for n in names}})
+    bb = backbones.build(BackboneConfig(taps=TAPS, image_size=size))
+    export_graph(bb, MAX_CH, outputs, names, path)
     return names
 
 
@@ -106,6 +81,7 @@ def extract(size: int, pyramid: bool, batch_size: int = 16) -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    # the product's graph names its input "pixels" too (stylegen.runtime.INPUT)
     rows = pd.read_csv(COVERS)
     paths = [str(COVERS.parent / p) for p in rows["image"]]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -190,7 +166,9 @@ def cv(heads: list[str], out: Path, seed: int = 0, only: str | None = None) -> N
             results.append(res)
             print(json.dumps(res), flush=True)
     base = {r["head"]: r for r in results if r["recipe"].startswith("baseline")}
-    lines = [f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", "",
+    from bench_coldstart import cpu_line
+
+    lines = [cpu_line(), "",
              "| recipe | head | dim | accuracy | Δ acc | macro-F1 | Δ F1 | top-3 |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:

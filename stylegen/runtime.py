@@ -202,16 +202,33 @@ def export_onnx(config: EmbedConfig, path: Path) -> Path:
 
     Needs torch (and the ``onnx`` package); written atomically.
     """
+    from stylegen.features import part_vectors
+
+    features = config.features
+
+    def outputs(acts: dict, content: Any, projections: dict) -> tuple:
+        return tuple(part_vectors(acts, content, features, projections).values())
+
+    return export_graph(backbones.build(config.backbone), features.max_gram_channels, outputs,
+                        list(features.parts), path)
+
+
+def export_graph(bb: Any, max_channels: int | None, outputs: Callable[[dict, Any, dict], tuple],
+                 names: list[str], path: Path) -> Path:
+    """Trace ``outputs(tap activations, content, projections)`` over backbone ``bb`` into an ONNX
+    graph at ``path``: input ``pixels`` uint8 (B, S, S, 3) normalised in the graph, the outputs
+    named ``names``, batch size dynamic. ``projections`` maps the channel count of each tap wider
+    than ``max_channels`` to its fixed :func:`features.channel_projection`, kept as a constant.
+    Written atomically.
+    """
     import torch
 
-    from stylegen.features import channel_projection, part_vectors
+    from stylegen.features import channel_projection
 
-    bb = backbones.build(config.backbone)
-    features = config.features
-    size, limit = bb.image_size, features.max_gram_channels
+    size = bb.image_size
     with torch.no_grad():  # the taps' widths, and the projections of the wide ones
         acts, _ = bb.forward(torch.zeros(1, 3, size, size))
-    wide = {int(a.shape[1]) for a in acts.values() if limit and a.shape[1] > limit}
+    wide = {int(a.shape[1]) for a in acts.values() if max_channels and a.shape[1] > max_channels}
 
     class Graph(torch.nn.Module):
         def __init__(self) -> None:
@@ -220,15 +237,13 @@ def export_onnx(config: EmbedConfig, path: Path) -> Path:
             self.register_buffer("mean", torch.tensor(bb.mean).view(1, 3, 1, 1) * 255)
             self.register_buffer("std", torch.tensor(bb.std).view(1, 3, 1, 1) * 255)
             for c in wide:
-                self.register_buffer(f"projection{c}", channel_projection(c, limit))
+                self.register_buffer(f"projection{c}", channel_projection(c, max_channels))
 
         def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
             x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
             acts, content = bb.forward(x)
-            projections = {c: getattr(self, f"projection{c}") for c in wide}
-            return tuple(part_vectors(acts, content, features, projections).values())
+            return outputs(acts, content, {c: getattr(self, f"projection{c}") for c in wide})
 
-    names = list(features.parts)
     with _atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: shapes are static
         torch.onnx.export(
