@@ -144,8 +144,9 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None,
             raise BadImageError("image has no pixels")
         if img.format == "JPEG" and draft_size:
             img.draft("RGB", (draft_size, draft_size))
-        img = img.convert("RGB")
         img.load()
+        if img.mode != "RGB":  # convert() of an RGB image would only copy it
+            img = img.convert("RGB")
     except BadImageError:
         raise
     except FileNotFoundError:
@@ -180,8 +181,9 @@ def resize_center(img: Image.Image, size: int, flip: bool = False, resize_filter
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), _FILTERS[resize_filter], reducing_gap=2.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if (nw, nh) != (size, size):  # a square image needs no crop (and no copy)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
