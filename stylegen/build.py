@@ -263,10 +263,8 @@ def make_manifest(
 ) -> dict[str, Any]:
     """The manifest of a freshly fitted snapshot; ``info`` is a shard's description of how
     its raw features were made (:func:`stylegen.shards.describe`)."""
-    import sklearn
-    import torch
-
     import stylegen
+    from stylegen.runtime import RUNTIME_PACKAGES, package_version
 
     buf = io.BytesIO()
     np.savez(buf, *[a for p in compressor.parts.values() for a in (p.mean, p.components, p.scale)])
@@ -293,9 +291,11 @@ def make_manifest(
         "shards": shard_names,
         "compression_fit": fit,
         "created": _now(),
-        "versions": {"stylegen": stylegen.__version__, "torch": torch.__version__,
-                     "faiss": faiss.__version__, "numpy": np.__version__,
-                     "scikit-learn": sklearn.__version__, "pandas": pd.__version__},
+        # read from the installed metadata: recording a version must not import torch
+        "versions": {"stylegen": stylegen.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
+                     "pandas": pd.__version__,
+                     **{p: package_version(p) for p in ("torch", "scikit-learn", "onnxruntime", "openvino")
+                        if p in ("torch", "scikit-learn") or p == RUNTIME_PACKAGES.get(info.get("runtime", ""))}},
     }
 
 

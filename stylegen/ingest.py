@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader, Dataset
-
 from stylegen import images
 from stylegen.build import (
     DEFAULT_MAX_SAMPLE,
@@ -79,7 +77,9 @@ def load_featurizer(
     return runtimes.load_featurizer(config, device, precision, channels_last, runtime)
 
 
-class _Reader(Dataset):
+class _Reader:
+    """The covers of a run as a map-style dataset (``len`` and ``[i]``) for torch's DataLoader."""
+
     def __init__(self, rows: list[int], paths: list[str], spec: Preprocess, max_pixels: int) -> None:
         self.rows, self.paths, self.spec, self.max_pixels = rows, paths, spec, max_pixels
 
@@ -100,10 +100,20 @@ def _collate(items: list[images.Decoded]) -> tuple[list[int], np.ndarray | None,
 def read_batches(
     rows: list[int], paths: list[str], spec: Preprocess, batch_size: int, workers: int, max_pixels: int
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[images.Decoded]]]:
-    """Decode images in ``workers`` processes, yielding (rows, uint8 batch, failures)."""
+    """Decode images in ``workers`` processes, yielding (rows, uint8 batch, failures).
+
+    ``workers=0`` decodes in this process without importing torch (the CPU default, where
+    an exported runtime may serve the featurizer without it)."""
+    reader = _Reader(rows, paths, spec, max_pixels)
+    if workers == 0:
+        for start in range(0, len(reader), batch_size):
+            yield _collate([reader[i] for i in range(start, min(start + batch_size, len(reader)))])
+        return
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
-        _Reader(rows, paths, spec, max_pixels), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=4 if workers else None,
+        reader, batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4,
     )
     yield from loader
 

@@ -170,7 +170,8 @@ def cached_sha256(path: str | Path) -> str:
     return digest
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """An installed distribution's version without importing it (None: not installed)."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -182,7 +183,8 @@ def export_spec(info: BackboneInfo, features: FeatureConfig) -> dict[str, Any]:
     return {
         "format": EXPORT_FORMAT,
         "opset": OPSET,
-        "exporter": {"torch": _version("torch"), "efficientnet-lite-pytorch": _version("efficientnet-lite-pytorch")},
+        "exporter": {"torch": package_version("torch"),
+                     "efficientnet-lite-pytorch": package_version("efficientnet-lite-pytorch")},
         "backbone": {"name": info.name, "weights_id": info.weights_id, "taps": list(info.taps),
                      "preprocess": info.preprocess.to_dict()},
         "features": {"parts": list(features.parts), "signed_sqrt": features.signed_sqrt,

@@ -158,6 +158,30 @@ def test_exported_featurizer_serves_without_torch(use_cache):
     assert "onnxruntime" in loaded and not loaded & {"torch", "sklearn"}
 
 
+@pytest.mark.skipif(not runtime.installed("onnx"), reason="onnxruntime not installed")
+def test_embedding_with_an_exported_runtime_imports_no_torch(use_cache, tmp_path, rng):
+    """``stylegen embed`` on ONNX Runtime: decoding inline, manifest and all, torch stays out
+    (its import alone is ~2 s of a CLI call); an append needs no scikit-learn either."""
+    from PIL import Image
+
+    runtime.load_featurizer(_config(), "cpu", runtime="onnx")  # fills the cache
+    src = tmp_path / "covers"
+    src.mkdir()
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    embed = ("import stylegen\nfrom stylegen.config import EmbedConfig\n"
+             "r = stylegen.embed({src!r}, {idx!r}, {cfg}, device='cpu', runtime='onnx', progress=False)\n"
+             "assert r.added == {n} and r.count == {count}, r.summary()")
+    idx = str(tmp_path / "idx")
+    new = _imports_after(embed.format(src=str(src), idx=idx, cfg="EmbedConfig()", n=7, count=7),
+                         {"STYLEGEN_CACHE": str(use_cache)})
+    assert "onnxruntime" in new and "sklearn" in new and "torch" not in new  # PCA is fitted with sklearn
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(src / "new.png")
+    append = _imports_after(embed.format(src=str(src), idx=idx, cfg="None", n=1, count=8),
+                            {"STYLEGEN_CACHE": str(use_cache)})
+    assert "onnxruntime" in append and not append & {"torch", "sklearn"}
+
+
 @pytest.mark.realdata
 @needs_real_data()
 @pytest.mark.parametrize("name", EXPORTED)
