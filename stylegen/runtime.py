@@ -16,7 +16,8 @@ and an index built with one is queried with any.
   makes a new export. Serving a query from the cache imports neither torch nor scikit-learn.
 
 ``auto`` picks torch on a GPU and the fastest installed exported runtime on a CPU
-(:data:`CPU_PREFERENCE`, measured on an AVX2-only AMD EPYC), else torch.
+(:data:`CPU_PREFERENCE`, measured on an AVX2-only AMD EPYC) that computes the precision asked
+for (:func:`graph_precision`: an index made at bf16 stays at bf16), else torch.
 """
 
 from __future__ import annotations
@@ -113,8 +114,25 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def resolve_runtime(runtime: str, device: str, config: EmbedConfig) -> str:
-    """The runtime that will run ``config``'s featurizer on ``device`` (see module doc)."""
+def graph_precision(runtime: str, precision: str) -> str | None:
+    """What an exported ``runtime`` computes when ``precision`` is asked for (None: it cannot).
+
+    ONNX Runtime computes fp32; OpenVINO computes bf16 where the CPU has it. ``auto`` means
+    the runtime's own best: fp32, or bf16 on OpenVINO on a bf16 CPU."""
+    if precision not in PRECISIONS:
+        raise StylegenError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16 = runtime == "openvino" and cpu_has_bf16()
+    if precision == "auto":
+        return "bf16" if bf16 else "fp32"
+    if precision == "fp32" or (precision == "bf16" and bf16):
+        return precision
+    return None
+
+
+def resolve_runtime(runtime: str, device: str, config: EmbedConfig, precision: str = "auto") -> str:
+    """The runtime that will run ``config``'s featurizer on ``device`` at ``precision`` (see
+    module doc). ``auto`` leaves out an exported runtime that cannot compute an asked-for
+    precision (e.g. adding to a bf16 index made on an AMX CPU: torch computes bf16 there)."""
     if runtime not in RUNTIMES:
         raise StylegenError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     on_cpu = device == "cpu"
@@ -122,7 +140,7 @@ def resolve_runtime(runtime: str, device: str, config: EmbedConfig) -> str:
     if runtime == "auto":
         if not (on_cpu and exportable):
             return "torch"
-        return next((r for r in CPU_PREFERENCE if installed(r)), "torch")
+        return next((r for r in CPU_PREFERENCE if installed(r) and graph_precision(r, precision)), "torch")
     if runtime in EXPORTED:
         if not on_cpu:
             raise StylegenError(f"--runtime {runtime} runs on the CPU; use --device cpu or --runtime torch")
@@ -130,6 +148,9 @@ def resolve_runtime(runtime: str, device: str, config: EmbedConfig) -> str:
             raise StylegenError(f"--runtime {runtime} needs its package: pip install {RUNTIME_PACKAGES[runtime]}")
         if not exportable:
             raise StylegenError(f"{config.backbone.name} runs on torch only; use --runtime torch")
+        if graph_precision(runtime, precision) is None:
+            raise StylegenError(f"--runtime {runtime} cannot compute {precision} on this CPU"
+                                f" (it computes {graph_precision(runtime, 'auto')}); use --runtime torch")
     return runtime
 
 
@@ -343,10 +364,11 @@ class GraphFeaturizer:
 def load_graph_featurizer(config: EmbedConfig, runtime: str, precision: str = "auto",
                           threads: int | None = None) -> GraphFeaturizer:
     """The exported featurizer of ``config`` on ``runtime`` (exporting it on first use)."""
+    prec = graph_precision(runtime, precision)
+    if prec is None:
+        raise StylegenError(f"{runtime} cannot compute {precision} on this CPU; use the torch runtime")
     info = backbones.describe(config.backbone, weights_id=cached_sha256)
     path = ensure_export(config, info)
-    # ONNX Runtime computes the graph in fp32; OpenVINO honours bf16 where the CPU has it.
-    prec = "bf16" if runtime == "openvino" and resolve_precision(precision, "cpu") == "bf16" else "fp32"
     run = _onnx_session(path, threads) if runtime == "onnx" else _openvino_session(path, threads, prec)
     return GraphFeaturizer(backbone=info, config=config.features, runtime=runtime, precision=prec, run=run)
 
@@ -360,7 +382,7 @@ def load_featurizer(config: EmbedConfig, device: str = "auto", precision: str = 
     weights_id).
     """
     dev = resolve_device(device)
-    chosen = resolve_runtime(runtime, dev, config)
+    chosen = resolve_runtime(runtime, dev, config, precision)
     if chosen in EXPORTED:
         try:
             return load_graph_featurizer(config, chosen, precision)

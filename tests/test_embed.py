@@ -110,6 +110,23 @@ def test_other_settings_are_refused(genre_folder, tmp_path):
         stylegen.Index.open(tmp_path / "idx").check_compatible(other)
 
 
+def test_a_bf16_index_grows_at_bf16_with_default_options(genre_folder, tmp_path, monkeypatch):
+    """An index made at bf16 (the default on AMX CPUs) takes new covers without options: the
+    exported graphs compute fp32 here, so ``auto`` picks a runtime that computes bf16."""
+    from stylegen import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)  # any CI CPU: torch computes bf16
+    idx = tmp_path / "idx"
+    run(genre_folder, idx, precision="bf16", runtime="torch")
+    make_image(genre_folder / "jazz" / "new.jpg", kind=2, seed=99)
+    with pytest.raises(stylegen.errors.StylegenError, match="cannot compute bf16"):
+        run(genre_folder, idx, precision="auto", runtime="onnx")
+    report = run(genre_folder, idx, precision="auto")
+    manifest = stylegen.Index.open(idx).manifest
+    assert report.added == 1 and report.count == 7
+    assert (manifest["precision"], manifest["runtime"]) == ("bf16", "torch")
+
+
 @needs_real_data()
 @pytest.mark.realdata
 def test_real_covers_embed_with_their_metadata(tmp_path):

@@ -129,6 +129,24 @@ def test_runtime_choice(monkeypatch):
     assert runtime.resolve_runtime("auto", "cpu", cfg) == "torch"  # nothing exported installed
 
 
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_runtime_choice_follows_the_precision_a_graph_can_compute(monkeypatch, bf16_cpu):
+    cfg = EmbedConfig()
+    monkeypatch.setattr(runtime, "installed", lambda r: True)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: bf16_cpu)
+    assert runtime.graph_precision("onnx", "auto") == "fp32" and runtime.graph_precision("onnx", "bf16") is None
+    assert runtime.graph_precision("openvino", "auto") == ("bf16" if bf16_cpu else "fp32")
+    for precision in ("auto", "fp32"):
+        assert runtime.resolve_runtime("auto", "cpu", cfg, precision) == "onnx"
+    # a bf16 index (made on an AMX CPU) is added to by what computes bf16, never silently at fp32
+    assert runtime.resolve_runtime("auto", "cpu", cfg, "bf16") == ("openvino" if bf16_cpu else "torch")
+    assert runtime.resolve_runtime("auto", "cpu", cfg, "fp16") == "torch"
+    with pytest.raises(StylegenError, match="cannot compute bf16"):
+        runtime.resolve_runtime("onnx", "cpu", cfg, "bf16")
+    with pytest.raises(StylegenError, match="precision must be one of"):
+        runtime.resolve_runtime("auto", "cpu", cfg, "int4")
+
+
 def test_unknown_tap_is_refused_without_building(tmp_path):
     with pytest.raises(StylegenError, match="no tap 'stage9'"):
         runtime.backbones.describe(BackboneConfig(taps=("stage9",)))
