@@ -211,7 +211,8 @@ def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig,
         raise StylegenError(f"nothing to build in {index_dir}: no covers were ingested")
     rng = np.random.default_rng(config.compression.seed)
     sample = np.sort(rng.choice(len(loc), size=min(max_sample, len(loc)), replace=False))
-    compressor = Compressor.fit(_gather(shards, loc.iloc[sample]), config.compression)
+    # the gathered sample is a fresh array used only here: PCA centres it in place
+    compressor = Compressor.fit(_gather(shards, loc.iloc[sample]), config.compression, overwrite=True)
     vectors = _transform(compressor, config.features.weights, shards, loc)
     info = shards[-1].info
     slices, start = {}, 0

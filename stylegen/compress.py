@@ -32,8 +32,12 @@ class Projection:
         return matmul(x - self.mean, self.components.T) / self.scale
 
 
-def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int) -> Projection:
-    """Fit one part's projection on the collection's raw vectors ``x`` (n, d_in)."""
+def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int,
+                   overwrite: bool = False) -> Projection:
+    """Fit one part's projection on the collection's raw vectors ``x`` (n, d_in).
+
+    ``overwrite``: PCA may centre a float32 ``x`` in place instead of copying it (the same
+    result; a build's fitting sample, up to 100,000 x 17,824 floats, is not held twice)."""
     x = np.asarray(x, dtype=np.float32)
     n, d_in = x.shape
     if method == "none" or (method == "rp" and dim >= d_in) or (method == "pca" and n < 2):
@@ -48,7 +52,7 @@ def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int
 
     k = max(1, min(dim, n - 1, d_in))
     pca = PCA(n_components=k, svd_solver="randomized" if k < 0.8 * min(n, d_in) else "full",
-              random_state=seed).fit(x)
+              random_state=seed, copy=not overwrite).fit(x)
     scale = np.sqrt(pca.explained_variance_) if whiten else np.ones(k)
     return Projection(
         pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
@@ -63,9 +67,10 @@ class Compressor:
     parts: dict[str, Projection]
 
     @classmethod
-    def fit(cls, raw: dict[str, np.ndarray], config: CompressionConfig) -> Compressor:
+    def fit(cls, raw: dict[str, np.ndarray], config: CompressionConfig, overwrite: bool = False) -> Compressor:
+        """Fit every part (``overwrite``: ``raw``'s arrays may be used as scratch space)."""
         return cls({
-            part: fit_projection(x, config.method, config.dims.get(part, 256), config.whiten, config.seed)
+            part: fit_projection(x, config.method, config.dims.get(part, 256), config.whiten, config.seed, overwrite)
             for part, x in raw.items()
         })
 

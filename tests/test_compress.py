@@ -39,3 +39,31 @@ def test_combine_weights_parts_and_normalises():
     np.testing.assert_allclose(v, [[0.6, 0.8, 1.0, 0.0, 0.0]] / np.sqrt(2), rtol=1e-6)
     v2, _ = combine(parts, {"style": 1.0, "content": 0.0})
     np.testing.assert_allclose(v2[0, 2:], 0.0)
+
+
+
+@pytest.mark.parametrize("dim", [8, 150])  # randomized and full SVD
+def test_fitting_in_place_gives_the_same_projection_and_only_when_asked(rng, dim):
+    x = rng.normal(size=(300, 160)).astype(np.float32) + 5.0  # a mean to centre away
+    kept = x.copy()
+    config = CompressionConfig(dims={"style": dim})
+    copied = Compressor.fit({"style": x}, config).parts["style"]
+    np.testing.assert_array_equal(x, kept)  # the default never touches the caller's data
+    in_place = Compressor.fit({"style": x}, config, overwrite=True).parts["style"]
+    np.testing.assert_array_equal(in_place.components, copied.components)
+    np.testing.assert_array_equal(in_place.mean, copied.mean)
+
+
+def test_fitting_in_place_does_not_hold_the_sample_twice(rng):
+    """A build's PCA sample can be 100,000 x 17,824 floats: no second copy of it."""
+    import tracemalloc
+
+    config = CompressionConfig(dims={"style": 8})
+    peaks = {}
+    for overwrite in (False, True):
+        x = rng.normal(size=(4000, 500)).astype(np.float32)  # 8 MB
+        tracemalloc.start()
+        Compressor.fit({"style": x}, config, overwrite=overwrite)
+        peaks[overwrite] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[False] > x.nbytes and peaks[True] < 0.5 * x.nbytes, peaks
