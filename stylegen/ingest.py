@@ -202,7 +202,8 @@ def embed(
                 from stylegen.ingest_ray import ingest_ray
 
                 report.bad += ingest_ray(run, index_dir, config, info, device=device, batch_size=batch_size,
-                                         shard_size=checkpoint_every, max_pixels=max_pixels, address=address)
+                                         shard_size=checkpoint_every, max_pixels=max_pixels, address=address,
+                                         runtime=runtime)
             else:
                 report.bad += ingest_local(featurizer, run, index_dir, info, batch_size=batch_size,
                                            workers=workers, shard_size=checkpoint_every,

@@ -42,15 +42,21 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: dict[str, Any], max_pixels
 class FeaturizerActor:
     """Ray actor: loads the backbone once, turns pixel batches into raw part vectors."""
 
-    def __init__(self, config: dict[str, Any], precision: str, device: str, ingest_id: str, threads: int) -> None:
-        import torch
-
-        from stylegen.ingest import load_featurizer
+    def __init__(self, config: dict[str, Any], precision: str, device: str, ingest_id: str, threads: int,
+                 runtime: str = "auto") -> None:
+        from stylegen.runtime import load_featurizer
         from stylegen.shards import describe
 
-        torch.set_num_threads(max(1, threads))
         cfg = EmbedConfig.from_dict(config)
-        self.featurizer = load_featurizer(cfg, device, precision)
+        # the runtime the user asked for (auto: chosen on this worker's own device and CPU).
+        # torch's threads follow the actor's CPUs; ONNX Runtime keeps its default (the cores):
+        # pinned to the actor's 1 CPU on 2 cores it ran at 56 img/s instead of 108 (the
+        # decode tasks need a fraction of the other core; docs/benchmarks.md)
+        self.featurizer = load_featurizer(cfg, device, precision, runtime=runtime)
+        if self.featurizer.runtime == "torch":
+            import torch
+
+            torch.set_num_threads(max(1, threads))
         got = describe(cfg, self.featurizer.backbone, self.featurizer.precision)["ingest_id"]
         if got != ingest_id:  # another weights file or version on this node: refuse, never mix
             raise StylegenError(f"this Ray worker makes other features than the driver ({got} != {ingest_id})")
@@ -84,11 +90,13 @@ def ingest_ray(
     run: pd.DataFrame, index_dir: Path, config: EmbedConfig, info: dict[str, Any], *,
     device: str = "auto", batch_size: int | None = None, shard_size: int = 1024,
     max_pixels: int = images.DEFAULT_MAX_PIXELS, address: str | None = None, num_cpus: int | None = None,
+    runtime: str = "auto",
 ) -> list[dict[str, str]]:
     """Embed ``run``'s rows on Ray Data and write them as shards; returns the bad files.
 
     ``address``: an existing Ray cluster (``ray start --head`` / ``ray://...``); None starts
-    a local Ray with ``num_cpus`` (default: this machine's cores).
+    a local Ray with ``num_cpus`` (default: this machine's cores). ``runtime``: the
+    featurizer runtime the actors use, as asked (:func:`stylegen.runtime.resolve_runtime`).
     """
     try:
         import ray
@@ -123,7 +131,7 @@ def ingest_ray(
             num_cpus=plan["actor_cpus"], num_gpus=plan["actor_gpus"],
             fn_constructor_kwargs={"config": config.to_dict(), "precision": info["precision"],
                                    "device": plan["device"], "ingest_id": info["ingest_id"],
-                                   "threads": plan["actor_cpus"]},
+                                   "threads": plan["actor_cpus"], "runtime": runtime},
         )
         return _write_shards(ds.iter_batches(batch_size=shard_size, batch_format="numpy"), run, index_dir, info)
     finally:

@@ -41,3 +41,20 @@ def test_ray_engine_embeds_real_covers_like_the_local_engine(tmp_path, local_ray
     pd.testing.assert_frame_equal(a.metadata, b.metadata)
     assert np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)).max() <= 1e-4
     assert a.manifest["ingest_id"] == b.manifest["ingest_id"] and a.manifest["count"] == b.manifest["count"]
+
+
+
+@pytest.mark.parametrize("asked", ["torch", "onnx"])
+def test_an_actor_runs_the_runtime_asked_for(asked):
+    """The driver's ``--runtime`` reaches the actors (they used to choose ``auto`` on their own)."""
+    from stylegen import runtime
+    from stylegen.ingest_ray import FeaturizerActor
+    from stylegen.shards import describe
+
+    if asked == "onnx" and not runtime.installed("onnx"):
+        pytest.skip("onnxruntime not installed")
+    cfg = EmbedConfig()
+    made = runtime.load_featurizer(cfg, "cpu", "fp32", runtime=asked)
+    ingest_id = describe(cfg, made.backbone, made.precision)["ingest_id"]
+    actor = FeaturizerActor(cfg.to_dict(), "fp32", "cpu", ingest_id, threads=1, runtime=asked)
+    assert actor.featurizer.runtime == asked
