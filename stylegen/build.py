@@ -47,9 +47,10 @@ class BuildResult:
 
     added: int = 0
     count: int = 0
-    refit: bool = False  # the compression was (re)fitted: feature_id changed
+    refit: bool = False  # the compression was (re)fitted
     shards: int = 0  # shards newly built into the index
     seconds: float = 0.0
+    vectors_changed: bool = False  # feature_id differs from the previous snapshot's: retrain heads
 
 
 def current_manifest(index_dir: str | Path) -> dict[str, Any] | None:
@@ -127,8 +128,10 @@ def update_index(
             config = existing.config if existing is not None else EmbedConfig.from_dict(shards[-1].info["config"])
         _fit_and_write(index_dir, existing, config, shards, new_rows, max_sample)
     count = len(existing or []) + len(new_rows)
-    return BuildResult(added=len(new_rows), count=count, refit=existing is None or refit,
-                       shards=len(fresh), seconds=time.perf_counter() - t0)
+    fitted = existing is None or refit
+    changed = fitted and (existing is None or current_manifest(index_dir)["feature_id"] != existing.feature_id)
+    return BuildResult(added=len(new_rows), count=count, refit=fitted, shards=len(fresh),
+                       seconds=time.perf_counter() - t0, vectors_changed=changed)
 
 
 def _new_rows(shards: list[Shard], fresh: list[int], known: set[str]) -> pd.DataFrame:

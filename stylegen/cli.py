@@ -360,7 +360,9 @@ def build_index(
     typer.echo(f"{verb} {result.added} covers from {result.shards} shards; index holds {result.count} covers"
                f" [{result.seconds:.1f} s]")
     if result.refit and (index / "heads").is_dir():
-        typer.echo(f"the vectors changed: train the heads again (stylegen train --index {index})")
+        typer.echo(f"the vectors changed: train the heads again (stylegen train --index {index})"
+                   if result.vectors_changed else
+                   "the compression came out the same (same feature_id): trained heads stay valid")
 
 
 @app.command()

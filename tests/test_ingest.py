@@ -217,6 +217,11 @@ def test_adding_covers_keeps_old_vectors_feature_id_and_heads(tmp_path):
     assert list(refit.metadata["content_hash"]) == list(after.metadata["content_hash"])  # rows stay put
     with pytest.raises(stylegen.errors.IndexMismatchError, match="train"):
         Engine.open(idx).predict_proba(np.asarray(refit.vectors[:1]), "head")
+    train(idx, ["linear"], validate=False)
+    again = stylegen_cli("index", str(idx), "--refit", "--max-sample", "8")  # same seeded sample and fit
+    assert again.returncode == 0 and "trained heads stay valid" in again.stdout, again.stderr
+    assert stylegen.Index.open(idx).feature_id == refit.feature_id
+    assert Engine.open(idx).predict_proba(np.asarray(refit.vectors[:1]), "head")[0].shape == (1, 2)
 
 
 def test_index_command_builds_shards_written_without_a_build(tmp_path, rng):
