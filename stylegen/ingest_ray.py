@@ -7,8 +7,9 @@ does not know which wrote them. Shards are written by the driver as feature batc
 
 Resources are pinned so the actor pool never takes every CPU (on a 2-core machine an actor
 pool that does starves the read tasks, ray-project/ray#44687): each actor gets one GPU where
-the cluster has GPUs, else ``cpus - 1`` CPUs, and the read tasks the rest. Needs the ``ray``
-extra (``pip install -e '.[ray]'``).
+the cluster has GPUs, else one actor per node with one CPU less than the smallest node has,
+and the read tasks the rest (:func:`plan_resources`). Needs the ``ray`` extra
+(``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations
@@ -75,15 +76,20 @@ class FeaturizerActor:
         return out
 
 
-def plan_resources(cpus: int, gpus: int) -> dict[str, Any]:
-    """Actor pool and task resources for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+def plan_resources(node_cpus: list[int], gpus: int) -> dict[str, Any]:
+    """Actor pool and task resources for a cluster whose nodes have ``node_cpus`` CPUs and
+    ``gpus`` GPUs in all.
 
-    GPUs: one actor per GPU (1 GPU + 1 CPU each), the other CPUs decode. CPUs only: one
-    actor with ``cpus - 1`` CPUs (its torch threads), at least one CPU left for reading.
+    GPUs: one actor per GPU (1 GPU + 1 CPU each), the other CPUs decode. CPUs only: one actor
+    per node, spread over the nodes, each asking for one CPU less than the smallest node has
+    (an actor must fit on one node: the cluster's total fits on none), so every node keeps at
+    least one CPU for reading and decoding.
     """
     if gpus:
-        return {"actors": gpus, "actor_cpus": 1, "actor_gpus": 1, "device": "cuda"}
-    return {"actors": 1, "actor_cpus": max(1, cpus - 1), "actor_gpus": 0, "device": "cpu"}
+        return {"actors": gpus, "actor_cpus": 1, "actor_gpus": 1, "device": "cuda", "spread": False}
+    cpus = [int(c) for c in node_cpus if c >= 1] or [1]
+    return {"actors": len(cpus), "actor_cpus": max(1, min(cpus) - 1), "actor_gpus": 0, "device": "cpu",
+            "spread": len(cpus) > 1}
 
 
 def ingest_ray(
@@ -117,7 +123,8 @@ def ingest_ray(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         res = ray.cluster_resources()
-        plan = plan_resources(int(res.get("CPU", 1)), int(res.get("GPU", 0)) if device != "cpu" else 0)
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        plan = plan_resources(nodes, int(res.get("GPU", 0)) if device != "cpu" else 0)
         batch_size = batch_size or (64 if plan["device"] == "cuda" else 16)
         rows = pd.DataFrame({"i": np.arange(len(run)), "path": run["path"].astype(str)})
         ds = ray.data.from_pandas([rows.iloc[i : i + batch_size] for i in range(0, len(rows), batch_size)])
@@ -129,6 +136,7 @@ def ingest_ray(
             FeaturizerActor, batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_cpus=plan["actor_cpus"], num_gpus=plan["actor_gpus"],
+            **({"scheduling_strategy": "SPREAD"} if plan["spread"] else {}),
             fn_constructor_kwargs={"config": config.to_dict(), "precision": info["precision"],
                                    "device": plan["device"], "ingest_id": info["ingest_id"],
                                    "threads": plan["actor_cpus"], "runtime": runtime},
