@@ -3,6 +3,7 @@
 
     python scripts/research_scales.py extract --size 224 --pyramid   # full + 4 quadrant Grams
     python scripts/research_scales.py extract --size 320             # full Gram at 320 px
+    python scripts/research_scales.py extract --size 384             # full Gram at 384 px
     python scripts/research_scales.py cv [--heads linear,mlp]
 
 ``extract`` runs the product's featurizer definition (:func:`stylegen.features.style_vector`:
@@ -130,6 +131,10 @@ def recipes() -> dict[str, dict[str, np.ndarray]]:
                                           "content320": _pca(big["content"])},
             "320 only (style + content)": {"style": style320, "content": _pca(big["content"])},
         }
+    for size in (384,):  # the top of the 320-384 px range, where extracted
+        if _npz(size, False).is_file():
+            more = np.load(_npz(size, False))
+            out[f"{size} only (style + content)"] = {"style": _pca(more["style"]), "content": _pca(more["content"])}
     return out
 
 
