@@ -123,14 +123,14 @@ def update_index(
         if not len(new_rows):
             return BuildResult(count=len(existing), seconds=time.perf_counter() - t0)
         _append(index_dir, existing, shards, new_rows, [shards[i].name for i in fresh])
+        changed = False  # the frozen compression: old vectors and heads stay valid
     else:
         if config is None:
             config = existing.config if existing is not None else EmbedConfig.from_dict(shards[-1].info["config"])
-        _fit_and_write(index_dir, existing, config, shards, new_rows, max_sample)
+        feature_id = _fit_and_write(index_dir, existing, config, shards, new_rows, max_sample)
+        changed = existing is None or feature_id != existing.feature_id
     count = len(existing or []) + len(new_rows)
-    fitted = existing is None or refit
-    changed = fitted and (existing is None or current_manifest(index_dir)["feature_id"] != existing.feature_id)
-    return BuildResult(added=len(new_rows), count=count, refit=fitted, shards=len(fresh),
+    return BuildResult(added=len(new_rows), count=count, refit=existing is None or refit, shards=len(fresh),
                        seconds=time.perf_counter() - t0, vectors_changed=changed)
 
 
@@ -202,8 +202,9 @@ def _append(index_dir: Path, existing: Index, shards: list[Shard], new_rows: pd.
 
 
 def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig, shards: list[Shard],
-                   new_rows: pd.DataFrame, max_sample: int) -> None:
-    """Fit the compression on a seeded sample of every cover, transform all, write a snapshot."""
+                   new_rows: pd.DataFrame, max_sample: int) -> str:
+    """Fit the compression on a seeded sample of every cover, transform all, write a snapshot;
+    returns its ``feature_id``."""
     if existing is not None:
         old_loc = _locate(shards, existing.metadata["content_hash"].tolist())
         loc = pd.concat([old_loc, new_rows[list(_LOC)]], ignore_index=True)
@@ -224,6 +225,7 @@ def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig,
     fit = {"rows": len(loc), "sample": len(sample), "max_sample": max_sample, "seed": config.compression.seed}
     manifest = make_manifest(config, info, compressor, vectors, slices, fit, [s.name for s in shards])
     write_snapshot(index_dir, manifest, vectors, metadata, compressor)
+    return manifest["feature_id"]
 
 
 def _locate(shards: list[Shard], hashes: list[str]) -> pd.DataFrame:
@@ -270,6 +272,8 @@ def make_manifest(
     import stylegen
     from stylegen.runtime import RUNTIME_PACKAGES, package_version
 
+    runtime_package = RUNTIME_PACKAGES.get(info.get("runtime", "torch"))
+    recorded = ["torch", "scikit-learn", *([runtime_package] if runtime_package else [])]
     buf = io.BytesIO()
     np.savez(buf, *[a for p in compressor.parts.values() for a in (p.mean, p.components, p.scale)])
     weights_id = info["backbone"]["weights_id"]
@@ -297,9 +301,7 @@ def make_manifest(
         "created": _now(),
         # read from the installed metadata: recording a version must not import torch
         "versions": {"stylegen": stylegen.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-                     "pandas": pd.__version__,
-                     **{p: package_version(p) for p in ("torch", "scikit-learn", "onnxruntime", "openvino")
-                        if p in ("torch", "scikit-learn") or p == RUNTIME_PACKAGES.get(info.get("runtime", ""))}},
+                     "pandas": pd.__version__, **{p: package_version(p) for p in recorded}},
     }
 
 

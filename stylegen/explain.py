@@ -92,7 +92,7 @@ def leave_out_vectors(engine: Any, raw: dict[str, np.ndarray], blocks: list[tupl
 def voters(engine: Any, vector: np.ndarray, row: int | None) -> list[dict[str, Any]]:
     """The labelled covers of the kNN vote with their weights, heaviest first."""
     from stylegen.errors import ModelNotFoundError
-    from stylegen.heads.compiled import weights_of as _weights
+    from stylegen.heads.compiled import weights_of
 
     try:
         head = engine.head("knn")
@@ -100,7 +100,7 @@ def voters(engine: Any, vector: np.ndarray, row: int | None) -> list[dict[str, A
         return []
     knn = getattr(head, "knn_", head)
     sims, ids = knn.kneighbors(vector[None], exclude=engine._exclude([row], 1))
-    weights = _weights(sims, ids >= 0, knn.temperature)[0]
+    weights = weights_of(sims, ids >= 0, knn.temperature)[0]
     train_rows = engine.head_config["train_rows"]
     order = [j for j in np.argsort(-weights, kind="stable") if ids[0, j] >= 0][:MAX_VOTERS]
     cover_rows = [int(train_rows[int(ids[0, j])]) for j in order]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from stylegen import images
 from stylegen.build import (
     DEFAULT_MAX_SAMPLE,

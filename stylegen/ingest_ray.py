@@ -51,8 +51,8 @@ class FeaturizerActor:
         cfg = EmbedConfig.from_dict(config)
         # the runtime the user asked for (auto: chosen on this worker's own device and CPU).
         # torch's threads follow the actor's CPUs; ONNX Runtime keeps its default (the cores):
-        # pinned to the actor's 1 CPU on 2 cores it ran at 56 img/s instead of 108 (the
-        # decode tasks need a fraction of the other core; docs/benchmarks.md)
+        # pinning it to the actor's 1 CPU on 2 cores measured no different (56 vs 51 img/s,
+        # 160 covers; docs/scale.md)
         self.featurizer = load_featurizer(cfg, device, precision, runtime=runtime)
         if self.featurizer.runtime == "torch":
             import torch

@@ -24,7 +24,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from stylegen import heads as head_classes
 from stylegen.errors import DataError, StylegenError
-from stylegen.heads.io import HEADS_DIR, read_head_set  # noqa: F401 (read_head_set: re-exported)
+from stylegen.heads.io import HEADS_DIR
 from stylegen.labels import Taxonomy, multi_labels, single_labels
 from stylegen.store import Index, atomic_write_text
 

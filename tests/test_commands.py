@@ -13,7 +13,8 @@ from threadpoolctl import threadpool_limits
 import stylegen
 from stylegen.engine import Engine
 from stylegen.heads import KNNHead
-from stylegen.train import default_method, read_head_set, train
+from stylegen.heads.io import read_head_set
+from stylegen.train import default_method, train
 from tests.conftest import embed_tiny, make_image, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]

@@ -26,7 +26,8 @@ from stylegen.cli import app
 from stylegen.engine import Engine
 from stylegen.labels import Taxonomy
 from stylegen.service import create_app
-from stylegen.train import read_head_set, train
+from stylegen.heads.io import read_head_set
+from stylegen.train import train
 from tests.conftest import COVERS_CSV, embed_tiny, needs_real_data, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
