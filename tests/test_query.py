@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 from stylegen import scoring
 from stylegen.cli import app
 from stylegen.engine import Engine
+from stylegen.heads.io import read_head_set
 from stylegen.labels import Taxonomy
 from stylegen.service import create_app
-from stylegen.heads.io import read_head_set
 from stylegen.train import train
 from tests.conftest import COVERS_CSV, embed_tiny, needs_real_data, planted_rows
 
