@@ -47,8 +47,8 @@ class StylegenPlugin(BeetsPlugin):
     # ---- the stylegen engine, opened on first use -------------------------------------
     def engine(self) -> Any:
         if self._engine is None:
-            from stylegen.engine import Engine
             from stylegen.errors import StylegenError
+            from stylegen.query.engine import Engine
 
             if not self.config["index"].get():
                 raise ui.UserError("stylegen: set `stylegen: index:` in the beets configuration")
@@ -84,7 +84,7 @@ class StylegenPlugin(BeetsPlugin):
 
     # ---- one album or singleton -----------------------------------------------------------
     def process(self, obj: Album | Item, *, pretend: bool, write: bool) -> None:
-        from stylegen import library
+        from stylegen.apps.musiclib import genres as library
         from stylegen.errors import StylegenError
 
         items = list(obj.items()) if isinstance(obj, Album) else [obj]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stylegen.engine import Engine
+from stylegen.query.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_coldstart import cpu_line
@@ -47,7 +47,7 @@ def main() -> None:
         sys.exit(f"skipped: no index at {a.index} (run stylegen embed + stylegen train first)")
     engine = Engine.open(a.index)
     if a.runtime != "auto":  # the engine chooses by itself; the benchmark may impose one
-        from stylegen.runtime import load_featurizer
+        from stylegen.featurize.runtime import load_featurizer
 
         engine._featurizer = load_featurizer(engine.index.config, "cpu", engine.index.manifest.get("precision", "auto"),
                                              runtime=a.runtime)

@@ -75,7 +75,7 @@ def main() -> None:
         cover = Path(tmp.name) / "query.jpg"
         rgb = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(cover)
-    stylegen = [sys.executable, "-c", "from stylegen.cli import main; main()"]
+    stylegen = [sys.executable, "-c", "from stylegen.apps.cli import main; main()"]
     def commands_for(index: Path) -> dict[str, list[str]]:
         classify = [*stylegen, "classify", str(cover), "--index", str(index)]
         return {"stylegen --help": [*stylegen, "--help"],

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from stylegen.store import Index
+from stylegen.index.store import Index
 
 COVERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "covers" / "covers.csv"
 
@@ -165,10 +165,10 @@ def add_copies(base: Index, csv: Path, out: Path, pending: Path | None) -> Index
     like queries (``Engine.query_many``: the base's backbone and stored compressor, no refit).
     ``pending``: reuse raw features checkpointed by an earlier ``stylegen embed`` of the same
     copies (``DIR/pending/chunk-*.npz``) instead of running the backbone again."""
-    from stylegen import images
-    from stylegen.compress import combine
-    from stylegen.engine import Engine
-    from stylegen.store import write_snapshot
+    from stylegen.index.compress import combine
+    from stylegen.index.store import write_snapshot
+    from stylegen.query.engine import Engine
+    from stylegen.sources import images
 
     if (out / "CURRENT").is_file():
         return Index.open(out)
@@ -214,9 +214,9 @@ def main() -> None:
                     help="reuse raw features of the copies checkpointed by an interrupted stylegen embed")
     args = ap.parse_args()
 
-    from stylegen.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from stylegen.apps.duplicates import DEFAULT_THRESHOLD, find_duplicates
 
-    print(subprocess.run("grep -m1 'model name' /proc/cpuinfo; uptime", shell=True, capture_output=True, text=True).stdout)
+    print(subprocess.run("grep -m1 'model name' /proc/cpuinfo; uptime", shell=True, capture_output=True, text=True, check=False).stdout)
     covers = pd.read_csv(COVERS)
     sample = covers.sample(args.tune + args.report, random_state=args.seed).reset_index(drop=True)
     sample["split"] = ["tune"] * args.tune + ["report"] * args.report

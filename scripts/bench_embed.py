@@ -6,7 +6,7 @@
 
 * forward: the featurizer alone (``load_featurizer(...)(pixels)``: normalisation, forward
   pass, Gram matrices, pooling) on pre-decoded uint8 batches of the CPU's default size;
-* stylegen embed: ``stylegen.embed`` end to end on ``--n`` real covers into a fresh index
+* stylegen embed: ``stylegen.index.ingest`` end to end on ``--n`` real covers into a fresh index
   (hashing, decoding, featurizer, checkpoints, PCA, FAISS, writes), per runtime, in this
   process (imports already paid), and the ``stylegen embed`` command as a whole process
   (start-up, imports and featurizer load included: what a user waits for).
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_coldstart import cpu_line
+from bench_coldstart import cpu_line  # noqa: E402  (after the path above)
 
 
 def config(size: int):
@@ -45,7 +45,7 @@ def config(size: int):
 
 def forward(runtime: str, n: int, batch_size: int, size: int) -> tuple[float, str]:
     """Images per second of the featurizer alone, and its precision."""
-    from stylegen.runtime import load_featurizer
+    from stylegen.featurize.runtime import load_featurizer
 
     feat = load_featurizer(config(size), "cpu", "auto", runtime=runtime)
     pixels = np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3), dtype=np.uint8)
@@ -59,7 +59,7 @@ def forward(runtime: str, n: int, batch_size: int, size: int) -> tuple[float, st
 
 
 def end_to_end(csv: Path, runtime: str, size: int) -> tuple[float, float]:
-    """(whole call img/s, embedding stage img/s) of stylegen.embed with defaults at ``size`` px."""
+    """(whole call img/s, embedding stage img/s) of stylegen.index.ingest with defaults at ``size`` px."""
     import stylegen
 
     with tempfile.TemporaryDirectory() as d:
@@ -87,10 +87,10 @@ def graph_variants(n: int, batch_size: int) -> dict[str, float]:
     import onnxruntime as ort
     import torch
 
-    from stylegen import backbones
     from stylegen.config import BackboneConfig, EmbedConfig
-    from stylegen.features import channel_projection
-    from stylegen.runtime import load_featurizer
+    from stylegen.featurize import backbones
+    from stylegen.featurize.features import channel_projection
+    from stylegen.featurize.runtime import load_featurizer
 
     bb = backbones.build(BackboneConfig())
 
@@ -160,8 +160,8 @@ def main() -> None:
         args.image_size = DEFAULT_IMAGE_SIZE
     if not COVERS.exists():
         sys.exit(f"skipped: real covers not found at {COVERS}")
-    from stylegen.embed import default_batch_size
-    from stylegen.runtime import installed
+    from stylegen.featurize.runtime import installed
+    from stylegen.index.ingest import default_batch_size
 
     runtimes = [r for r in args.runtimes.split(",") if r == "torch" or installed(r)]
     batch = default_batch_size("cpu")

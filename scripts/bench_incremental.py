@@ -7,7 +7,7 @@
   shards first moves its raw features into a shard (one-time, timed apart);
 * trains heads on the copy when it has none (linear + knn, not timed);
 * the 100 new covers are real covers mirrored and re-encoded (new bytes, new content hash);
-* **add**: ``stylegen.embed`` of the grown collection (4,844 + 100) into the copy, model load
+* **add**: ``stylegen.index.ingest`` of the grown collection (4,844 + 100) into the copy, model load
   and hashing of every file included: the one command a user runs;
 * **full build**: the build step alone over all covers (``stylegen index --refit``: fit on
   the sample, transform everything, write the index), plus embedding every cover at the rate
@@ -50,8 +50,8 @@ def new_covers(n: int, folder: Path) -> pd.DataFrame:
 
 def main() -> None:
     import stylegen
-    from stylegen.embed import build
-    from stylegen.engine import Engine
+    from stylegen.index.ingest import build
+    from stylegen.query.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
@@ -70,7 +70,7 @@ def main() -> None:
         idx = d / "covers"
         shutil.copytree(a.index, idx, ignore=shutil.ignore_patterns(".lock"))
         if not (idx / "heads" / "heads.json").is_file():
-            from stylegen.train import train
+            from stylegen.heads.train import train
 
             train(idx, ["linear", "knn"], validate=False)
         before = stylegen.Index.open(idx)
@@ -90,7 +90,7 @@ def main() -> None:
         after = stylegen.Index.open(idx)
         engine = Engine.open(idx, device="cpu")
         proba, classes = engine.predict_proba(np.asarray(after.vectors[n_old:]), "head")[:2]
-        cli = subprocess.run([sys.executable, "-m", "stylegen.cli", "classify", grown["image"].iloc[-1],
+        cli = subprocess.run([sys.executable, "-m", "stylegen", "classify", grown["image"].iloc[-1],
                               "--index", str(idx), "--json"], capture_output=True, text=True, check=False,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         out["add"] = {

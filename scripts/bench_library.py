@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.audiofiles import FORMATS, embed_art, tag, unsupported_reason, write_audio
+from tests.audiofiles import FORMATS, embed_art, tag, unsupported_reason, write_audio  # noqa: E402
 
 COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
 
@@ -98,8 +98,9 @@ def main() -> None:
         sys.exit(f"skipped: real covers not found at {COVERS}")
     import torch
 
-    from stylegen import images, library
-    from stylegen.engine import Engine
+    from stylegen.apps.musiclib import genres as library
+    from stylegen.query.engine import Engine
+    from stylegen.sources import audioart, images
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(cpu_line())
@@ -109,7 +110,7 @@ def main() -> None:
         fmts = build(root, a.albums, a.tracks)
         print(f"built {a.albums} albums x {a.tracks} tracks ({', '.join(fmts)}) in {time.perf_counter() - t:.1f} s")
 
-        (albums, bad, n), find_s, find_cpu = timed(library.find_albums, root)
+        (albums, bad, n), find_s, find_cpu = timed(audioart.find_albums, root)
         assert len(albums) == a.albums and not bad and all(x.art for x in albums), "art not found"
         art = Path(tmp) / "art"
         art.mkdir()

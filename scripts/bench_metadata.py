@@ -42,7 +42,7 @@ def vmhwm() -> int:
 def write(work: Path, n: int) -> None:
     import pandas as pd
 
-    from stylegen import store
+    from stylegen.index import store
 
     rng = np.random.default_rng(0)
     genres = np.array(["rock", "pop", "jazz", "hip-hop", "electronic|pop", "metal", "country", "classical"])

@@ -33,7 +33,7 @@ def main() -> None:
     import ray
 
     import stylegen
-    import stylegen.ingest_ray as ir
+    import stylegen.index.ingest_ray as ir
     from stylegen.config import EmbedConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

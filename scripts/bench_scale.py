@@ -30,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def import_ann_alone():
-    """stylegen.ann without the package __init__ (which imports torch): RSS is the index's."""
+    """stylegen.index.ann without the package __init__ (which imports torch): RSS is the index's."""
     import types
 
     if "stylegen" not in sys.modules:
         pkg = types.ModuleType("stylegen")
         pkg.__path__ = [str(ROOT / "stylegen")]
         sys.modules["stylegen"] = pkg
-    from stylegen import ann
+    from stylegen.index import ann
 
     return ann
 

@@ -31,10 +31,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--runtime", default="onnx")
     a = ap.parse_args()
-    from stylegen import images
-    from stylegen.compress import combine
-    from stylegen.engine import Engine
-    from stylegen.runtime import load_featurizer
+    from stylegen.featurize.runtime import load_featurizer
+    from stylegen.index.compress import combine
+    from stylegen.query.engine import Engine
+    from stylegen.sources import images
 
     engine = Engine.open(a.index, device="cpu")
     index = engine.index

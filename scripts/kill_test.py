@@ -54,7 +54,7 @@ def make_source(n: int, folder: Path) -> Path:
 
 
 def embed_cmd(csv: Path, index: Path, shard_size: int) -> list[str]:
-    return [sys.executable, "-m", "stylegen.cli", "embed", str(csv), "--index", str(index), "--no-progress",
+    return [sys.executable, "-m", "stylegen", "embed", str(csv), "--index", str(index), "--no-progress",
             "--precision", "fp32", "--workers", "0", "--shard-size", str(shard_size)]
 
 

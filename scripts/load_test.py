@@ -54,7 +54,7 @@ def list_covers(source: Path, limit: int) -> list[Path]:
 class FakeEngine:
     """A stand-in engine for measuring the service alone: cheap, deterministic answers.
 
-    Implements what ``stylegen.service.create_app`` needs (``query``, ``cover_path``,
+    Implements what ``stylegen.apps.service.create_app`` needs (``query``, ``cover_path``,
     ``info``); an upload is opened and shrunk, as a model's preprocessing would.
     """
 
@@ -87,7 +87,7 @@ class FakeEngine:
               by: str = "both", classify: bool = True, label: str | None = None):
         from types import SimpleNamespace
 
-        from stylegen.images import open_image
+        from stylegen.sources.images import open_image
 
         row, size = None, None
         if isinstance(item, int):
@@ -247,7 +247,7 @@ def start_server(app) -> tuple[str, object, threading.Thread]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--index", type=Path, help="index directory for stylegen.engine.Engine")
+    source.add_argument("--index", type=Path, help="index directory for stylegen.query.engine.Engine")
     source.add_argument("--fake", action="store_true", help="a fake engine: service overhead only")
     parser.add_argument("--covers", type=Path, default=DEFAULT_COVERS,
                         help="folder or CSV manifest of covers to upload (default: %(default)s)")
@@ -262,14 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
         parser.error("--requests, --concurrency and --max-seconds must be positive")
 
-    from stylegen.service import create_app
+    from stylegen.apps.service import create_app
 
     files = list_covers(args.covers, args.max_covers)
     payloads = [(p.name, p.read_bytes()) for p in files]
     if args.fake:
         engine = FakeEngine(files)
     else:
-        from stylegen.engine import Engine
+        from stylegen.query.engine import Engine
 
         engine = Engine.open(args.index)
     url, server, thread = start_server(create_app(engine))

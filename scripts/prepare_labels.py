@@ -21,7 +21,13 @@ import sys
 import pandas as pd
 
 from stylegen.errors import StylegenError
-from stylegen.labels import Taxonomy, filter_genres, frequent_genres, map_to_taxonomy, split_genres
+from stylegen.sources.labels import (
+    Taxonomy,
+    filter_genres,
+    frequent_genres,
+    map_to_taxonomy,
+    split_genres,
+)
 
 
 def parse_cell(value: object) -> list[str]:

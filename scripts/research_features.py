@@ -10,11 +10,11 @@ tap layers, compression, flip, backbone and heads by artist-disjoint 5-fold CV.
 float16, plus the pooled content); with ``--flip`` it runs the image and its mirror and
 writes both <backbone>.npz and <backbone>-flip.npz (features averaged over the two views).
 
-``sweep`` builds the vectors the way the product does (stylegen.features / compress):
+``sweep`` builds the vectors the way the product does (stylegen.featurize.features / compress):
 style = concatenation of the tap layers' signed-sqrt, L2-normalised Gram vectors (layers
 wider than ``max_ch`` channels sketched to ``max_ch`` channels, P G Pᵀ), one PCA per part
 (style, content) fitted on the whole collection, parts normalised, weighted and joined
-(stylegen.compress.combine). Heads only ever see the training folds. Every result line is
+(stylegen.index.compress.combine). Heads only ever see the training folds. Every result line is
 also appended to indexes/research/results.jsonl. Findings: docs/results_covers_research.md.
 """
 
@@ -43,10 +43,11 @@ S46 = ("stage4", "stage5", "stage6")
 
 # --------------------------------------------------------------------------- extraction
 def extract(backbone: str, flip: bool, batch_size: int = 32) -> None:
-    from stylegen import backbones, images
     from stylegen.config import BackboneConfig, FeatureConfig
-    from stylegen.embed import read_batches
-    from stylegen.features import Featurizer, channel_projection, gram_upper
+    from stylegen.featurize import backbones
+    from stylegen.featurize.features import Featurizer, channel_projection, gram_upper
+    from stylegen.index.ingest import read_batches
+    from stylegen.sources import images
 
     rows = pd.read_csv(COVERS)
     paths = [str(COVERS.parent / p) for p in rows["image"]]
@@ -137,7 +138,7 @@ def _sym(upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 @lru_cache(maxsize=32)
 def layer_vector(backbone: str, flip: bool, tap: str, max_ch: int) -> np.ndarray:
     """Signed-sqrt, L2-normalised Gram vector of one tap (sketched as the product does)."""
-    from stylegen.features import channel_projection
+    from stylegen.featurize.features import channel_projection
 
     g = _npz(backbone, flip)[tap]
     i, j, c = _sym(g)
@@ -193,7 +194,7 @@ def compress(backbone: str, flip: bool, part: str, taps: tuple[str, ...], max_ch
 
 
 def vectors(spec: Spec) -> np.ndarray:
-    from stylegen.compress import combine
+    from stylegen.index.compress import combine
 
     backbones = spec.backbone.split("+")  # "a+b": the two backbones' vectors side by side
     parts: dict[str, np.ndarray] = {}
@@ -255,7 +256,11 @@ def labelled() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def evaluate(spec: Spec, by_source: bool = False) -> dict[str, Any]:
-    from stylegen.evaluate import cross_val_predict_proba, grouped_metrics, single_label_metrics
+    from stylegen.evaluation.metrics import (
+        cross_val_predict_proba,
+        grouped_metrics,
+        single_label_metrics,
+    )
 
     lab, y, groups, source = labelled()
     t = time.perf_counter()

@@ -3,7 +3,7 @@
 
     python scripts/research_int8.py --index /work/indexes/covers [--calib 200] [--n 128]
 
-Quantizes the product's cached ONNX graph (``stylegen.runtime.ensure_export``: normalisation,
+Quantizes the product's cached ONNX graph (``stylegen.featurize.runtime.ensure_export``: normalisation,
 backbone, Gram matrices) with ONNX Runtime's static quantization (QDQ, per-channel int8
 weights, uint8 activations), calibrated on ``--calib`` real covers; only the convolutions are
 quantized, the Gram products stay in float. Then, in one run and interleaved, times the
@@ -48,9 +48,10 @@ def main() -> None:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from stylegen import images, runtime
-    from stylegen.backbones import describe
-    from stylegen.store import Index
+    from stylegen.featurize import runtime
+    from stylegen.featurize.backbones import describe
+    from stylegen.index.store import Index
+    from stylegen.sources import images
 
     index = Index.open(args.index, use_gpu=False)
     config = index.config

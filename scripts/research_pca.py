@@ -5,11 +5,11 @@
 
 Fitting the PCA is the largest cost of a new index that the exported runtimes do not speed
 up. This reads the index's raw part vectors (its ingest shards), fits each part's PCA as
-:func:`stylegen.compress.fit_projection` does (scikit-learn, randomized SVD, the index's
+:func:`stylegen.index.compress.fit_projection` does (scikit-learn, randomized SVD, the index's
 dims and seed) with each ``--iterations`` setting (``auto``: scikit-learn's default, the
 product's), and prints per setting: the fit time, the share of each part's variance the
 projection keeps, and how many of the 10 nearest neighbours of ``--queries`` covers (combined
-vectors, :func:`stylegen.compress.combine`) stay those of the first setting. Prints the CPU.
+vectors, :func:`stylegen.index.compress.combine`) stay those of the first setting. Prints the CPU.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 from bench_coldstart import cpu_line
 from sklearn.decomposition import PCA
 
-from stylegen.build import raw_batches
-from stylegen.compress import combine
-from stylegen.store import Index
+from stylegen.index.build import raw_batches
+from stylegen.index.compress import combine
+from stylegen.index.store import Index
 
 
 def main() -> None:

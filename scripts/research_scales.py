@@ -6,18 +6,18 @@
     python scripts/research_scales.py extract --size 384             # full Gram at 384 px
     python scripts/research_scales.py cv [--heads linear,mlp]
 
-``extract`` runs the product's featurizer definition (:func:`stylegen.features.style_vector`:
+``extract`` runs the product's featurizer definition (:func:`stylegen.featurize.features.style_vector`:
 taps stage4-6, channels sketched to 128, signed sqrt, per-layer L2) in an ONNX Runtime graph
 exported by this script, with the product's decoding (:class:`stylegen.config.Preprocess`) at
 ``--size``. ``--pyramid`` adds the style vector of each quadrant of every tap's activation map
 (spatial pyramid level 1; odd maps split at H//2, W//2). Raw vectors go to
 indexes/research/scales-<size>[-pyramid].npz (float16; content float32).
 
-``cv`` compares vector recipes with the product's heads (``stylegen.train.make_heads``:
+``cv`` compares vector recipes with the product's heads (``stylegen.heads.train.make_heads``:
 LinearHead with C by inner CV, MLPHead) under the protocol of docs/results.md: the 4,621
 single-genre covers, 5-fold artist-disjoint CV (StratifiedGroupKFold on artist, seed 0), PCA
 fitted unsupervised on all covers, heads fitted on training folds only. Each part is PCA-256,
-L2-normalised and combined as the product does (``stylegen.compress.combine``); style parts
+L2-normalised and combined as the product does (``stylegen.index.compress.combine``); style parts
 share weight 1 (each 1/sqrt(n_style)), content weight 1. Results: docs/results_covers_research.md.
 """
 
@@ -47,10 +47,10 @@ def _npz(size: int, pyramid: bool) -> Path:
 def export(size: int, pyramid: bool, path: Path) -> list[str]:
     """ONNX graph (the product's export, other outputs): uint8 (B, S, S, 3) -> style (full),
     [style_q0..q3], content."""
-    from stylegen import backbones
     from stylegen.config import BackboneConfig
-    from stylegen.features import l2_normalize, style_vector
-    from stylegen.runtime import export_graph
+    from stylegen.featurize import backbones
+    from stylegen.featurize.features import l2_normalize, style_vector
+    from stylegen.featurize.runtime import export_graph
 
     def quadrant(a, top: bool, left: bool):
         h, w = a.shape[2] // 2, a.shape[3] // 2
@@ -72,9 +72,9 @@ def export(size: int, pyramid: bool, path: Path) -> list[str]:
 def extract(size: int, pyramid: bool, batch_size: int = 16) -> None:
     import onnxruntime as ort
 
-    from stylegen import images
     from stylegen.config import Preprocess
-    from stylegen.embed import read_batches
+    from stylegen.index.ingest import read_batches
+    from stylegen.sources import images
 
     CACHE.mkdir(parents=True, exist_ok=True)
     graph = CACHE / f"scales-{size}{'-pyramid' if pyramid else ''}.onnx"
@@ -82,7 +82,7 @@ def extract(size: int, pyramid: bool, batch_size: int = 16) -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-    # the product's graph names its input "pixels" too (stylegen.runtime.INPUT)
+    # the product's graph names its input "pixels" too (stylegen.featurize.runtime.INPUT)
     rows = pd.read_csv(COVERS)
     paths = [str(COVERS.parent / p) for p in rows["image"]]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -139,7 +139,7 @@ def recipes() -> dict[str, dict[str, np.ndarray]]:
 
 
 def combine_parts(parts: dict[str, np.ndarray]) -> np.ndarray:
-    from stylegen.compress import combine
+    from stylegen.index.compress import combine
 
     n_style = sum(not k.startswith("content") for k in parts)
     weights = {k: 1.0 if k.startswith("content") else 1 / np.sqrt(n_style) for k in parts}
@@ -147,8 +147,8 @@ def combine_parts(parts: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def cv(heads: list[str], out: Path, seed: int = 0, only: str | None = None) -> None:
-    from stylegen.evaluate import cross_val_predict_proba, single_label_metrics
-    from stylegen.train import make_heads
+    from stylegen.evaluation.metrics import cross_val_predict_proba, single_label_metrics
+    from stylegen.heads.train import make_heads
 
     rows = pd.read_csv(COVERS)
     lab = rows["genre"].notna().to_numpy()

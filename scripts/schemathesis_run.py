@@ -3,7 +3,7 @@
 
 Builds a tiny index of generated covers (4 genres x 4, fp32, 8 + 8 PCA dims) with linear,
 kNN and ensemble heads in a temporary folder (or uses ``--index``), serves it with uvicorn
-on a free loopback port (the real ``Engine`` behind ``stylegen.service.create_app``) and
+on a free loopback port (the real ``Engine`` behind ``stylegen.apps.service.create_app``) and
 runs ``st run http://127.0.0.1:PORT/openapi.json --checks all`` with a bounded number of
 examples per operation. Prints the number of requests, the failures per check and the
 command; exits non-zero when schemathesis reports a failure.
@@ -61,7 +61,7 @@ def build_index(root: Path, per_genre: int = 4) -> Path:
 
     import stylegen
     from stylegen.config import CompressionConfig, EmbedConfig
-    from stylegen.train import train
+    from stylegen.heads.train import train
 
     (root / "covers").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -82,8 +82,8 @@ def start_server(index: Path) -> tuple[str, object, threading.Thread]:
     """The real engine behind the app, uvicorn in a thread on a free loopback port."""
     import uvicorn
 
-    from stylegen.engine import Engine
-    from stylegen.service import create_app
+    from stylegen.apps.service import create_app
+    from stylegen.query.engine import Engine
 
     engine = Engine.open(index, device="cpu")
     engine.featurizer  # noqa: B018  (load the model before the first request)

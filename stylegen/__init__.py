@@ -10,11 +10,9 @@ and the CLI start without loading torch, scikit-learn or faiss.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from stylegen.util.versions import STYLEGEN_VERSION as __version__
 
 # public name -> module that defines it
 _LAZY = {
@@ -22,22 +20,28 @@ _LAZY = {
     "CompressionConfig": "stylegen.config",
     "EmbedConfig": "stylegen.config",
     "FeatureConfig": "stylegen.config",
-    "EmbedReport": "stylegen.embed",
-    "Index": "stylegen.store",
+    "EmbedReport": "stylegen.index.ingest",
+    "embed": "stylegen.index.ingest",
+    "Index": "stylegen.index.store",
+    "Engine": "stylegen.query.engine",
+    "QueryResult": "stylegen.query.engine",
 }
 
 if TYPE_CHECKING:
     from stylegen.config import BackboneConfig, CompressionConfig, EmbedConfig, FeatureConfig
-    from stylegen.embed import EmbedReport, embed
-    from stylegen.store import Index
+    from stylegen.index.ingest import EmbedReport, embed
+    from stylegen.index.store import Index
+    from stylegen.query.engine import Engine, QueryResult
 
 __all__ = [
     "BackboneConfig",
     "CompressionConfig",
     "EmbedConfig",
     "EmbedReport",
+    "Engine",
     "FeatureConfig",
     "Index",
+    "QueryResult",
     "__version__",
     "embed",
 ]
@@ -51,22 +55,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _Package(types.ModuleType):
-    """``stylegen.embed`` is the function, as when this package imported it eagerly.
-
-    Importing the submodule ``stylegen.embed`` makes the import system bind the module to
-    the package's ``embed`` attribute; this property keeps answering with the function.
-    """
-
-    @property
-    def embed(self) -> Any:
-        return importlib.import_module("stylegen.embed").embed
-
-    @embed.setter
-    def embed(self, _module: types.ModuleType) -> None:
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

@@ -179,7 +179,7 @@ def tiny_index(tmp_path_factory) -> Path:
     import pandas as pd
     from threadpoolctl import threadpool_limits
 
-    from stylegen.train import train
+    from stylegen.heads.train import train
     from tests.conftest import embed_tiny, planted_rows
 
     root = tmp_path_factory.getbasetemp() / "audio_tiny_index"

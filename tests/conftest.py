@@ -85,9 +85,9 @@ def needs_real_data(path: Path = COVERS_CSV):
 def write_index(root: Path, raw: dict[str, np.ndarray], metadata, dims: int = 8, **manifest) -> Path:
     """An index on disk from given raw part vectors (no model): PCA to ``dims`` per part,
     combined and written with the store's own writer. Manifest fields can be overridden."""
-    from stylegen.compress import Compressor, combine
     from stylegen.config import CompressionConfig, EmbedConfig, FeatureConfig
-    from stylegen.store import FORMAT_VERSION, choose_index_key, write_snapshot
+    from stylegen.index.compress import Compressor, combine
+    from stylegen.index.store import FORMAT_VERSION, choose_index_key, write_snapshot
 
     config = EmbedConfig(features=FeatureConfig(parts=tuple(raw)),
                          compression=CompressionConfig(dims={p: dims for p in raw}))

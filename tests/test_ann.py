@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stylegen import ann
-from stylegen.compress import Compressor, Projection
 from stylegen.errors import StylegenError
-from stylegen.store import FORMAT_VERSION, Index, choose_index_key
+from stylegen.index import ann
+from stylegen.index.compress import Compressor, Projection
+from stylegen.index.store import FORMAT_VERSION, Index, choose_index_key
 
 GiB = 2**30
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from stylegen import backbones
 from stylegen.config import BackboneConfig, FeatureConfig
 from stylegen.errors import ModelNotFoundError, StylegenError
-from stylegen.features import Featurizer
+from stylegen.featurize import backbones
+from stylegen.featurize.features import Featurizer
 
 
 def test_lite0_default_taps_and_packaged_weights():

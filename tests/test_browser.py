@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from stylegen.service import create_app
+from stylegen.apps.service import create_app
 from tests.conftest import headless_chromium
 
 pytestmark = pytest.mark.browser
@@ -33,8 +33,8 @@ def browser_engine(tmp_path_factory):
 
     import stylegen
     from stylegen.config import CompressionConfig, EmbedConfig
-    from stylegen.engine import Engine
-    from stylegen.train import train
+    from stylegen.heads.train import train
+    from stylegen.query.engine import Engine
     from tests.conftest import COVERS_CSV, make_image
 
     root = tmp_path_factory.mktemp("browser")

@@ -10,7 +10,7 @@ from tests.conftest import add_bad_files
 
 
 def stylegen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300, check=False)
 
 
@@ -46,7 +46,7 @@ def test_embed_skips_bad_files_and_exits_zero(genre_folder, tmp_path):
 
 
 def test_embed_taps_option_is_recorded_and_unknown_tap_refused(genre_folder, tmp_path):
-    from stylegen.store import Index
+    from stylegen.index.store import Index
 
     result = stylegen("embed", str(genre_folder), "--index", str(tmp_path / "idx"), "--workers", "0",
                       "--dim", "4", "--no-progress", "--taps", "stage2, stage3")

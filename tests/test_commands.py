@@ -11,10 +11,10 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import stylegen
-from stylegen.engine import Engine
 from stylegen.heads import KNNHead
 from stylegen.heads.io import read_head_set
-from stylegen.train import default_method, train
+from stylegen.heads.train import default_method, train
+from stylegen.query.engine import Engine
 from tests.conftest import embed_tiny, make_image, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
@@ -35,7 +35,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_heads_recorded_with_feature_id(trained):
@@ -141,7 +141,7 @@ def test_heads_survive_an_add_and_are_refused_after_a_refit(trained, tmp_path):
     root, idx = trained
     import shutil
 
-    from stylegen.embed import build
+    from stylegen.index.ingest import build
 
     copy = tmp_path / "idx"
     shutil.copytree(idx, copy)
@@ -149,7 +149,14 @@ def test_heads_survive_an_add_and_are_refused_after_a_refit(trained, tmp_path):
     extra = root / "extra.csv"
     pd.DataFrame({"image": ["img/extra.png"], "genre": ["jazz"]}).to_csv(extra, index=False)
     stylegen.embed(extra, copy, workers=0, progress=False, precision="fp32")
-    assert Engine.open(copy).query(0).genres  # appended with the frozen compressor: heads still valid
+    # appended with the frozen compressor: the heads still load and give an old cover the very
+    # answer they gave before the add, and the new cover (a jazz look) its planted genre
+    grown, before = Engine.open(copy), Engine.open(idx).query(0)
+    after = grown.query(0)
+    assert after.genres[0]["genre"] == "jazz"
+    np.testing.assert_allclose(after.proba, before.proba, atol=1e-6)
+    new = grown.query(root / "img" / "extra.png")
+    assert new.in_index and new.row == 24 and new.genres[0]["genre"] == "jazz"
     build(copy, refit=True)
     with pytest.raises(stylegen.errors.IndexMismatchError, match="train"):
         Engine.open(copy).query(0)
@@ -208,19 +215,72 @@ def test_multi_label_heads_report_auroc(trained, tmp_path):
     results = [engine.query(root / p) for p in test["image"]]
     truth = np.array([[c == g for c in results[0].classes] for g in test["genre"]], dtype=int)
     assert data["macro_auroc"] == pytest.approx(roc_auc_score(truth, np.stack([r.proba for r in results])))
-    # sigmoid outputs roll up to a parent by noisy-OR: never above 1
-    assert all(g["probability"] <= 1.0 for r in results for g in r.levels.get("top", []))
 
 
-@pytest.mark.parametrize("heads, scores, expected", [
-    (["linear", "mlp", "knn", "ensemble"], {"linear": 0.38, "mlp": 0.41, "knn": 0.33, "ensemble": 0.40}, "head"),
-    (["linear", "knn", "ensemble"], {"linear": 0.38, "knn": 0.33, "ensemble": 0.40}, "ensemble"),
-    (["linear", "knn", "ensemble"], {"linear": 0.4, "knn": 0.4, "ensemble": 0.4}, "ensemble"),  # tie
-    (["linear", "knn"], {"linear": 0.2, "knn": 0.3}, "knn"),
-    (["linear", "knn", "ensemble"], {"linear": None, "knn": None, "ensemble": None}, "ensemble"),
-    (["knn"], {}, "knn"),
+def test_multi_label_probabilities_roll_up_to_a_parent_by_noisy_or(trained, tmp_path):
+    """README: for multi-label (sigmoid) heads a parent gets ``1 - prod(1 - p_child)`` of its
+    descendants, which stays in [0, 1] and is never below its most probable child."""
+    root, idx = trained
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    tax = tmp_path / "tax.json"  # metal and pop reach the top level "loud" through "rock"
+    tax.write_text(json.dumps({"loud": ["rock"], "rock": ["metal", "pop"], "instrumental": ["jazz"]}))
+    with threadpool_limits(1):
+        train(copy, heads=("linear",), labels="multi", taxonomy=tax, validate=False)
+    engine = Engine.open(copy)
+    results = [engine.query(root / "img" / name, top=3) for name in ("metal9.png", "pop9.png", "jazz9.png")]
+    gaps = []
+    for r in results:
+        p = dict(zip(r.classes, r.proba, strict=True))
+        top = {g["genre"]: g["probability"] for g in r.levels["top"]}
+        assert set(top) == {"loud", "instrumental"}
+        noisy_or = 1 - (1 - p["metal"]) * (1 - p["pop"])
+        assert top["loud"] == pytest.approx(noisy_or, abs=2e-6)
+        assert top["loud"] >= max(p["metal"], p["pop"]) - 1e-6 and top["loud"] <= 1.0
+        assert top["instrumental"] == pytest.approx(p["jazz"], abs=2e-6)  # a lone child: itself
+        assert {g["genre"]: g["path"] for g in r.genres}["metal"] == ["loud", "rock", "metal"]
+        gaps.append(p["metal"] + p["pop"] - noisy_or)
+    assert max(gaps) > 1e-3  # somewhere the sum of the children differs from their noisy-OR
+
+
+@pytest.mark.parametrize("heads, scores, default_head, expected", [
+    # the head's score is the default head's own, not the best trainable one's
+    (["linear", "mlp", "knn", "ensemble"], {"linear": 0.38, "mlp": 0.41, "knn": 0.33, "ensemble": 0.40}, "mlp", "head"),
+    (["linear", "mlp", "knn", "ensemble"], {"linear": 0.38, "mlp": 0.41, "knn": 0.33, "ensemble": 0.40}, "linear",
+     "ensemble"),
+    (["linear", "knn", "ensemble"], {"linear": 0.4, "knn": 0.4, "ensemble": 0.4}, "linear", "ensemble"),  # tie
+    (["linear", "knn"], {"linear": 0.3, "knn": 0.3}, "linear", "head"),  # tie without the ensemble
+    (["linear", "knn"], {"linear": 0.2, "knn": 0.3}, "linear", "knn"),
+    (["linear", "knn", "ensemble"], {"linear": 0.9, "knn": None, "ensemble": None}, "linear", "head"),  # unscored
+    (["linear", "knn", "ensemble"], {"linear": None, "knn": None, "ensemble": None}, "linear", "ensemble"),
+    (["linear", "knn"], {}, "linear", "head"),
+    (["knn"], {}, "knn", "knn"),  # a kNN-only set has no trainable "head"
 ])
-def test_default_method_is_the_best_validated(heads, scores, expected):
-    trainable = [h for h in ("linear", "mlp") if h in heads]
-    best_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
-    assert default_method(heads, scores, best_head) == expected
+def test_default_method_is_the_best_validated(heads, scores, default_head, expected):
+    assert default_method(heads, scores, default_head) == expected
+
+
+@pytest.mark.parametrize("planted, head, method", [
+    ({"LinearHead": 0.5, "KNNHead": 0.9, "EnsembleHead": 0.6}, "linear", "knn"),
+    ({"LinearHead": 0.95, "KNNHead": 0.9, "EnsembleHead": 0.6}, "linear", "head"),
+])
+def test_train_records_and_queries_use_the_best_validated_method(trained, tmp_path, monkeypatch,
+                                                                 planted, head, method):
+    """With planted validation scores the default is known: heads.json records the scores and
+    the method, and a query without ``method`` is answered by it."""
+    import shutil
+
+    from stylegen.heads import train as train_module
+
+    copy = tmp_path / "idx"
+    shutil.copytree(trained[1], copy)
+    monkeypatch.setattr(train_module, "_validation_score", lambda est, *a, **k: planted[type(est).__name__])
+    with threadpool_limits(1):
+        train(copy, heads=("linear", "knn", "ensemble"))
+    cfg = read_head_set(copy)
+    assert cfg["validation_macro_f1"] == {"linear": planted["LinearHead"], "knn": planted["KNNHead"],
+                                          "ensemble": planted["EnsembleHead"]}
+    assert (cfg["default_head"], cfg["default_method"]) == (head, method)
+    assert Engine.open(copy).query(3).method == method

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from stylegen.compress import Compressor, combine
 from stylegen.config import CompressionConfig
+from stylegen.index.compress import Compressor, combine
 
 
 @pytest.mark.parametrize("method", ["pca", "rp", "none"])

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from stylegen.cli import app
-from stylegen.duplicates import (
+from stylegen.apps.cli import app
+from stylegen.apps.duplicates import (
     DEFAULT_THRESHOLD,
     find_duplicates,
     group_pairs,
     knn_pairs,
     range_pairs,
 )
-from stylegen.store import Index
+from stylegen.index.store import Index
 from tests.conftest import COVERS_CSV, embed_tiny, make_image, needs_real_data, write_index
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import stylegen
-import stylegen.features
+import stylegen.featurize.features
 from stylegen.config import CompressionConfig, EmbedConfig
 from tests.conftest import COVERS_CSV, add_bad_files, make_image, needs_real_data
 
@@ -26,8 +26,25 @@ def test_folder_labels_come_from_subfolders(genre_folder, tmp_path):
     assert sorted(index.metadata["genre"]) == ["jazz"] * 3 + ["metal"] * 3
     assert index.vectors.shape == (6, index.manifest["dim"])
     np.testing.assert_allclose(np.linalg.norm(index.vectors, axis=1), 1.0, rtol=1e-5)
-    sims, ids = index.search(index.vectors[:1], k=3)
-    assert ids[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_stored_vectors_are_the_query_paths_vectors_of_the_same_pictures(genre_folder, tmp_path):
+    """Each row's stored vector is what the query side computes for that row's picture (a
+    decoded image is embedded afresh, not looked up): ingest and query decode, featurize and
+    compress alike, and vectors and metadata rows are not shuffled against each other."""
+    from PIL import Image
+
+    from stylegen.query.engine import Engine
+
+    run(genre_folder, tmp_path / "idx")
+    engine = Engine.open(tmp_path / "idx", device="cpu")
+    stored = np.asarray(engine.index.vectors)
+    for row, path in enumerate(engine.index.metadata["path"]):
+        with Image.open(path) as img:
+            fresh = engine.query(img.convert("RGB"), k=2, classify=False)
+        assert fresh.row is None  # embedded, not answered from the stored vector
+        np.testing.assert_allclose(fresh.vector, stored[row], atol=2e-3)  # shards keep raw as fp16
+        assert fresh.neighbours[0]["id"] == row
 
 
 def test_rerun_adds_only_new_images(genre_folder, tmp_path):
@@ -70,7 +87,7 @@ def test_interrupted_write_leaves_previous_index_intact(genre_folder, tmp_path, 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("stylegen.store.faiss.write_index", crash)
+    monkeypatch.setattr("stylegen.index.store.faiss.write_index", crash)
     with pytest.raises(KeyboardInterrupt):
         run(genre_folder, tmp_path / "idx")
     monkeypatch.undo()
@@ -79,7 +96,7 @@ def test_interrupted_write_leaves_previous_index_intact(genre_folder, tmp_path, 
 
 
 def test_interrupted_embedding_resumes_from_checkpoints(genre_folder, tmp_path, monkeypatch):
-    from stylegen.runtime import GraphFeaturizer
+    from stylegen.featurize.runtime import GraphFeaturizer
 
     calls = {"n": 0}
 
@@ -92,7 +109,7 @@ def test_interrupted_embedding_resumes_from_checkpoints(genre_folder, tmp_path, 
 
         return call
 
-    for featurizer in (stylegen.features.Featurizer, GraphFeaturizer):  # whichever runtime runs
+    for featurizer in (stylegen.featurize.features.Featurizer, GraphFeaturizer):  # whichever runtime runs
         monkeypatch.setattr(featurizer, "__call__", flaky(featurizer.__call__))
     with pytest.raises(KeyboardInterrupt):
         run(genre_folder, tmp_path / "idx", batch_size=2, checkpoint_every=2)
@@ -113,7 +130,7 @@ def test_other_settings_are_refused(genre_folder, tmp_path):
 def test_a_bf16_index_grows_at_bf16_with_default_options(genre_folder, tmp_path, monkeypatch):
     """An index made at bf16 (the default on AMX CPUs) takes new covers without options: the
     exported graphs compute fp32 here, so ``auto`` picks a runtime that computes bf16."""
-    from stylegen import runtime
+    from stylegen.featurize import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)  # any CI CPU: torch computes bf16
     idx = tmp_path / "idx"
@@ -138,13 +155,48 @@ def test_real_covers_embed_with_their_metadata(tmp_path):
     assert report.added == 24 and not report.bad
     index = stylegen.Index.open(tmp_path / "idx")
     assert set(rows.columns) <= set(index.metadata.columns)
-    _, ids = index.search(index.vectors[:5], k=1)
-    assert list(ids[:, 0]) == [0, 1, 2, 3, 4]
+    # a near-duplicate (downscaled, re-encoded: other bytes, so embedded afresh) finds its
+    # original first and far closer than a made-up picture comes to any real cover
+    import io
+
+    from PIL import Image
+
+    from stylegen.query.engine import Engine
+
+    engine = Engine.open(tmp_path / "idx", device="cpu")
+    near = []
+    for row in range(5):
+        with Image.open(rows["image"][row]) as img:
+            buf = io.BytesIO()
+            img.convert("RGB").resize((img.width * 9 // 10, img.height * 9 // 10)).save(buf, "JPEG", quality=70)
+        hit = engine.query(buf.getvalue(), k=1, classify=False)
+        assert hit.row is None and hit.neighbours[0]["id"] == row
+        near.append(hit.neighbours[0]["similarity"])
+    stranger = engine.query(make_image(tmp_path / "stranger.png", kind=1), k=1, classify=False)
+    assert stranger.neighbours[0]["similarity"] < min(near) - 0.05
 
 
-@pytest.mark.parametrize("device, cpus, workers, batch", [
-    ("cpu", 2, 0, 16), ("cpu", 16, 4, 16), ("cuda", 2, 1, 64), ("cuda", 32, 8, 64)])
-def test_device_defaults_for_decode_workers_and_batch(device, cpus, workers, batch):
-    from stylegen.embed import default_batch_size, default_workers
+def test_decode_worker_processes_give_the_inline_vectors_and_bad_files(genre_folder, tmp_path, monkeypatch):
+    """workers > 0 decodes in torch DataLoader processes: the same rows, vectors and bad-file
+    reasons as decoding in this process."""
+    import torch.utils.data
 
-    assert default_workers(device, cpus) == workers and default_batch_size(device) == batch
+    expected = add_bad_files(genre_folder)
+    loaders = []
+
+    class CountingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            loaders.append(kwargs.get("num_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountingLoader)
+    inline = run(genre_folder, tmp_path / "inline", workers=0, batch_size=4)
+    assert loaders == []
+    pooled = run(genre_folder, tmp_path / "pooled", workers=2, batch_size=4)
+    assert loaders == [2]  # the worker path ran
+    assert inline.added == pooled.added == 6
+    reasons = {Path(b["image"]).name: b["reason"] for b in pooled.bad}
+    assert reasons == {Path(b["image"]).name: b["reason"] for b in inline.bad} and set(reasons) == set(expected)
+    a, b = stylegen.Index.open(tmp_path / "inline"), stylegen.Index.open(tmp_path / "pooled")
+    assert list(a.metadata["content_hash"]) == list(b.metadata["content_hash"])
+    np.testing.assert_allclose(np.asarray(b.vectors), np.asarray(a.vectors), atol=1e-6)

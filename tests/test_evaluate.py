@@ -1,4 +1,4 @@
-"""Tests for stylegen.evaluate: metrics against hand numbers and scikit-learn, CV, reports."""
+"""Tests for stylegen.evaluation.metrics: metrics against hand numbers and scikit-learn, CV, reports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from stylegen.errors import DataError
-from stylegen.evaluate import (
+from stylegen.evaluation.metrics import (
     compare_table,
     cross_val_predict_proba,
     grouped_metrics,

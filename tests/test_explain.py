@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from stylegen import images
-from stylegen.engine import Engine
-from stylegen.explain import leave_out_vectors, tap_blocks
-from stylegen.store import Index
+from stylegen.index.store import Index
+from stylegen.query.engine import Engine
+from stylegen.query.explain import leave_out_vectors, tap_blocks
+from stylegen.sources import images
 from tests.conftest import make_image, write_index
 
 TAPS = ["stage4", "stage5", "stage6"]
@@ -31,7 +31,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def planted(tmp_path_factory) -> tuple[Engine, Path]:
     from threadpoolctl import threadpool_limits
 
-    from stylegen.train import train
+    from stylegen.heads.train import train
 
     root = tmp_path_factory.mktemp("explain")
     rng = np.random.default_rng(0)
@@ -88,9 +88,7 @@ def test_voters_are_the_knn_neighbours_with_their_weights(planted):
 
 def test_leaving_out_a_tap_touches_only_that_block(planted):
     engine, _ = planted
-    from stylegen.explain import stored_raw
-
-    raw = stored_raw(engine, 5)
+    raw = engine.raw_features(5)
     vecs = leave_out_vectors(engine, raw, tap_blocks(CHANNELS, 128))
     full = np.asarray(engine.index.vectors[5])
     assert vecs.shape == (3, len(full))
@@ -105,8 +103,8 @@ def test_leaving_out_a_tap_touches_only_that_block(planted):
 def test_cli_and_api_explain(planted):
     from fastapi.testclient import TestClient
 
-    from stylegen.cli import app
-    from stylegen.service import create_app
+    from stylegen.apps.cli import app
+    from stylegen.apps.service import create_app
 
     engine, probe = planted
     out = CliRunner().invoke(app, ["classify", str(probe), "--index", str(engine.index.root), "--explain",
@@ -118,3 +116,49 @@ def test_cli_and_api_explain(planted):
     taps = body["explanation"]["taps"]
     assert max(taps, key=lambda t: t["share"])["tap"] == "stage5"
     assert "explanation" not in client.post("/classify", data={"id": 60}).json()
+
+
+EXPLAIN_PROBE = """
+import json, sys, time
+from stylegen.query.engine import Engine
+engine = Engine.open(sys.argv[1], device="cpu")
+engine.query(0, method="knn", explain=True)  # warm: heads and raw-feature locations loaded
+t0 = time.perf_counter()
+r = engine.query(4, method="knn", explain=True)
+ms = (time.perf_counter() - t0) * 1000
+print(json.dumps({"ms": ms, "torch": "torch" in sys.modules, "taps": r.explanation["taps"],
+                  "note": r.explanation.get("note"), "voters": len(r.explanation["voters"])}))
+"""
+
+
+def test_explain_on_an_embedded_index_reads_stored_data_without_torch(tmp_path):
+    """An index made by ``stylegen embed``: the manifest records the taps' widths and the
+    covers' raw vectors are read from the shards, so explain runs no network and imports no
+    torch (the README's promise; docs/benchmarks.md has the warm latency)."""
+    import json
+    import subprocess
+    import sys
+
+    for g, genre in enumerate(["jazz", "metal"]):
+        for i in range(6):
+            make_image(tmp_path / "covers" / genre / f"{genre}{i}.png", kind=g, seed=10 * g + i)
+    idx = tmp_path / "idx"
+
+    def cli(*args: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True, text=True,
+                             check=False, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    cli("embed", str(tmp_path / "covers"), "--index", str(idx), "--dim", "4", "--no-progress", "--device", "cpu")
+    manifest = Index.open(idx).manifest
+    assert manifest["backbone"]["tap_channels"] == [80, 112, 192]  # EfficientNet-Lite0 stages 4-6
+    cli("train", "--index", str(idx), "--head", "knn", "--head", "linear")
+    probe = subprocess.run([sys.executable, "-c", EXPLAIN_PROBE, str(idx)], capture_output=True, text=True,
+                           check=False, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    out = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False and out["note"] is None
+    assert [t["tap"] for t in out["taps"]] == manifest["backbone"]["taps"]
+    assert out["voters"] > 0
+    assert out["ms"] < 500, out["ms"]  # a loose bound for a loaded CI machine; ~ms warm here

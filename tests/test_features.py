@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stylegen.features import (
+from stylegen.featurize.features import (
     channel_projection,
     gram_upper,
     l2_normalize,
@@ -46,9 +46,9 @@ def test_wide_layers_are_projected_to_max_channels():
 
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_reduced_precision_features_stay_close_to_fp32(precision):
-    from stylegen import backbones
     from stylegen.config import BackboneConfig, FeatureConfig
-    from stylegen.features import Featurizer
+    from stylegen.featurize import backbones
+    from stylegen.featurize.features import Featurizer
 
     bb = backbones.build(BackboneConfig())
     pixels = np.random.default_rng(0).integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)

@@ -19,9 +19,9 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import stylegen
-from stylegen.scoring import _cv_tabular
-from stylegen.tabular import load_tabular
-from stylegen.train import artist_groups, labelled_rows, train
+from stylegen.evaluation.runs import _cv_tabular
+from stylegen.heads.train import artist_groups, labelled_rows, train
+from stylegen.sources.tabular import load_tabular
 from tests.conftest import GTZAN_CSV, embed_tiny, needs_real_data, planted_rows
 
 FEATURES = "chroma_stft_mean:mfcc20_var"  # the 57 audio features, in the table's order
@@ -78,7 +78,7 @@ def hybrid_index(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run ``stylegen ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from stylegen.cli import main
+    from stylegen.apps.cli import main
 
     def run(*args: str) -> SimpleNamespace:
         monkeypatch.setattr(sys, "argv", ["stylegen", *args])

@@ -28,7 +28,7 @@ from stylegen.heads import (
     vote,
     vote_multi,
 )
-from stylegen.labels import Taxonomy
+from stylegen.sources.labels import Taxonomy
 
 CLASSES = np.array(["country", "jazz", "metal", "rock"], dtype=object)
 MEANS = np.random.default_rng(123).normal(size=(4, 32))
@@ -366,7 +366,7 @@ def artist_blobs(n_artists: int, per_artist: int, seed: int) -> tuple[np.ndarray
 
 
 def test_grouped_split_keeps_groups_apart_and_falls_back_for_singletons():
-    from stylegen.labels import grouped_split, stratified_split
+    from stylegen.sources.labels import grouped_split, stratified_split
 
     _, y, groups = artist_blobs(40, 5, seed=3)
     train, val = grouped_split(y, 0.2, 0, groups)

@@ -1,4 +1,4 @@
-"""The one decoding path (:func:`stylegen.images.prepare`): geometry and colour modes."""
+"""The one decoding path (:func:`stylegen.sources.images.prepare`): geometry and colour modes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stylegen import images
 from stylegen.config import Preprocess
+from stylegen.sources import images
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 import stylegen
-import stylegen.features
-import stylegen.store
+import stylegen.featurize.features
+import stylegen.util.persist
 from stylegen.config import CompressionConfig, EmbedConfig
-from stylegen.shards import list_shards, write_shard
+from stylegen.index.shards import list_shards, write_shard
 from tests.conftest import make_image
 
 SMALL = EmbedConfig(compression=CompressionConfig(dims={"style": 4, "content": 4}))
@@ -41,7 +41,7 @@ def folder(root: Path, n: int, seed: int = 0) -> Path:
 def die_on_call(monkeypatch, n: int) -> None:
     """The featurizer's ``n``-th call kills the run (as a SIGKILL would, mid-ingest)."""
     calls = {"n": 0}
-    original = stylegen.features.Featurizer.__call__
+    original = stylegen.featurize.features.Featurizer.__call__
 
     def flaky(self, pixels):
         calls["n"] += 1
@@ -49,7 +49,7 @@ def die_on_call(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return original(self, pixels)
 
-    monkeypatch.setattr(stylegen.features.Featurizer, "__call__", flaky)
+    monkeypatch.setattr(stylegen.featurize.features.Featurizer, "__call__", flaky)
 
 
 def by_hash(index_dir: Path) -> dict[str, np.ndarray]:
@@ -59,14 +59,14 @@ def by_hash(index_dir: Path) -> dict[str, np.ndarray]:
 
 def test_run_killed_after_current_switched_adds_no_duplicates(tmp_path, monkeypatch):
     src = folder(tmp_path / "src", 6)
-    original = stylegen.store.atomic_write_text
+    original = stylegen.util.persist.atomic_write_text
 
     def die_after_switch(path, text):
         original(path, text)
         if Path(path).name == "CURRENT":
             raise KeyboardInterrupt  # dies after the switch, before any clean-up
 
-    monkeypatch.setattr(stylegen.store, "atomic_write_text", die_after_switch)
+    monkeypatch.setattr(stylegen.util.persist, "atomic_write_text", die_after_switch)
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "idx", batch_size=2, checkpoint_every=2)
     monkeypatch.undo()
@@ -133,7 +133,7 @@ def test_explicit_other_precision_on_an_index_is_refused(tmp_path):
 
 
 def stylegen_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stylegen.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stylegen", *args], capture_output=True, text=True,
                           timeout=300, check=False)
 
 
@@ -144,7 +144,7 @@ def test_embed_refuses_other_dim_and_weights_on_an_existing_index(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "compression.dims" in lines[0], lines[0]
-    from stylegen.ingest import requested_config
+    from stylegen.index.ingest import requested_config
 
     for option, value, field in [("style_weight", 2.0, "features.weights.style"),
                                  ("content_weight", 0.5, "features.weights.content"),
@@ -156,7 +156,7 @@ def test_embed_refuses_other_dim_and_weights_on_an_existing_index(tmp_path):
 
 
 def test_image_size_is_the_collections_and_every_querys_input_size(tmp_path):
-    from stylegen.engine import Engine
+    from stylegen.query.engine import Engine
 
     src = folder(tmp_path / "src", 3)
     result = stylegen_cli("embed", str(src), "--index", str(tmp_path / "idx"), "--image-size", "96",
@@ -170,22 +170,37 @@ def test_image_size_is_the_collections_and_every_querys_input_size(tmp_path):
                                                 atol=1e-4)
 
 
-def test_a_new_index_reads_lite0_at_320_and_another_backbone_at_its_own_size(tmp_path):
-    from stylegen.backbones import describe
-    from stylegen.config import DEFAULT_IMAGE_SIZE
-    from stylegen.ingest import requested_config
+def test_image_size_is_the_default_for_a_new_index_and_kept_or_native_on_an_existing_one(tmp_path, rng):
+    """A new index reads at DEFAULT_IMAGE_SIZE (not the backbone's native size); asking for
+    another backbone reads at its native size unless a size is given; on an existing index a
+    changed tap set keeps the index's size, and no options mean the index's own settings."""
+    from stylegen.config import DEFAULT_IMAGE_SIZE, BackboneConfig
+    from stylegen.featurize.backbones import describe
+    from stylegen.index.ingest import requested_config
+    from tests.conftest import write_index
 
-    assert DEFAULT_IMAGE_SIZE == 320
-    default = requested_config(tmp_path / "new")
-    assert default is not None and default.backbone.image_size == 320
-    lite1 = requested_config(tmp_path / "new", backbone="efficientnet-lite1")
-    assert lite1.backbone.image_size is None and describe(lite1.backbone).preprocess.size == 240
-    assert requested_config(tmp_path / "new", backbone="efficientnet-lite1", image_size=288).backbone.image_size == 288
+    def size(config) -> int:
+        return describe(config.backbone).preprocess.size  # what the decoder will produce
+
+    lite0_native, lite1_native = (describe(BackboneConfig(name=n)).preprocess.size
+                                  for n in ("efficientnet-lite0", "efficientnet-lite1"))
+    assert DEFAULT_IMAGE_SIZE not in (lite0_native, lite1_native)  # else nothing below tells them apart
+    assert size(requested_config(tmp_path / "new")) == DEFAULT_IMAGE_SIZE
+    assert size(requested_config(tmp_path / "new", backbone="efficientnet-lite1")) == lite1_native
+    assert size(requested_config(tmp_path / "new", backbone="efficientnet-lite1", image_size=288)) == 288
+
+    raw = {p: rng.normal(size=(12, 16)).astype(np.float32) for p in ("style", "content")}
+    meta = pd.DataFrame({"image": [f"{i}.png" for i in range(12)], "content_hash": [f"h{i}" for i in range(12)]})
+    at_96 = EmbedConfig(backbone=BackboneConfig(image_size=96), compression=CompressionConfig(dims={"style": 4, "content": 4}))
+    write_index(tmp_path / "idx", raw, meta, dims=4, config=at_96.to_dict())
+    assert requested_config(tmp_path / "idx") is None
+    assert size(requested_config(tmp_path / "idx", taps=("stage5",))) == 96
+    assert size(requested_config(tmp_path / "idx", backbone="efficientnet-lite1")) == lite1_native
 
 
 def test_adding_covers_keeps_old_vectors_feature_id_and_heads(tmp_path):
-    from stylegen.engine import Engine
-    from stylegen.train import train
+    from stylegen.heads.train import train
+    from stylegen.query.engine import Engine
 
     rows = [{"image": f"img/{g}{i}.png", "genre": g} for g in ("jazz", "metal") for i in range(6)]
     for k, r in enumerate(rows):
@@ -235,7 +250,7 @@ def test_index_command_builds_shards_written_without_a_build(tmp_path, rng):
     meta["content_hash"] = [h[::-1] for h in meta["content_hash"]]  # four "new" covers
     meta["image"] = [f"extra{i}.png" for i in range(len(meta))]
     write_shard(tmp_path / "idx", raw, meta, {k: v for k, v in shard.info.items() if k not in ("count", "parts")})
-    from stylegen.embed import build
+    from stylegen.index.ingest import build
 
     result = build(tmp_path / "idx")
     assert (result.added, result.shards, result.count, result.refit) == (4, 1, 8, False)

@@ -49,9 +49,9 @@ def test_ray_engine_embeds_real_covers_like_the_local_engine(tmp_path, local_ray
 @pytest.mark.parametrize("asked", ["torch", "onnx"])
 def test_an_actor_runs_the_runtime_asked_for(asked):
     """The driver's ``--runtime`` reaches the actors (they used to choose ``auto`` on their own)."""
-    from stylegen import runtime
-    from stylegen.ingest_ray import FeaturizerActor
-    from stylegen.shards import describe
+    from stylegen.featurize import runtime
+    from stylegen.index.ingest_ray import FeaturizerActor
+    from stylegen.index.shards import describe
 
     if asked == "onnx" and not runtime.installed("onnx"):
         pytest.skip("onnxruntime not installed")
@@ -63,7 +63,7 @@ def test_an_actor_runs_the_runtime_asked_for(asked):
 
 
 def test_the_plan_fits_one_actor_on_every_node():
-    from stylegen.ingest_ray import plan_resources
+    from stylegen.index.ingest_ray import plan_resources
 
     one = plan_resources([8], 0)
     assert (one["actors"], one["actor_cpus"], one["spread"]) == (1, 7, False)

@@ -35,7 +35,7 @@ def test_sigkill_mid_ingest_and_mid_commit_never_corrupts_or_duplicates(tmp_path
     for i in range(24):
         make_image(tmp_path / "src" / f"{i}.png", kind=i, seed=i)
     index = tmp_path / "idx"
-    cmd = [sys.executable, "-m", "stylegen.cli", "embed", str(tmp_path / "src"), "--index", str(index),
+    cmd = [sys.executable, "-m", "stylegen", "embed", str(tmp_path / "src"), "--index", str(index),
            "--no-progress", "--precision", "fp32", "--workers", "0", "--batch-size", "4", "--shard-size", "4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(0)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from stylegen.errors import DataError
-from stylegen.labels import (
+from stylegen.sources.labels import (
     Taxonomy,
     encode_targets,
     filter_genres,

@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stylegen import audioart, images, library, tagging
+from stylegen.apps.musiclib import genres as library
+from stylegen.apps.musiclib import tagging
 from stylegen.errors import BadImageError
+from stylegen.sources import audioart, images
 from tests.audiofiles import FORMATS, cover_images, decode, embed_art, tag, tiny_index, write_audio
 from tests.conftest import make_image
 
@@ -38,7 +40,7 @@ def cli(*args: str):
     """The real CLI, in process (a subprocess would pay the torch import each time)."""
     from typer.testing import CliRunner
 
-    from stylegen.cli import app
+    from stylegen.apps.cli import app
 
     r = CliRunner().invoke(app, list(args))
     r.returncode = r.exit_code
@@ -111,7 +113,7 @@ def test_folder_images_are_used_when_nothing_is_embedded(tmp_path, covers):
     make_album(lib / "z", "ogg", 1, artist="Z", album="Za", art=covers[0])  # embedded beats cover.jpg
     make_image(lib / "z" / "cover.jpg", kind=2)
     make_album(lib / "w", "wav", 1, artist="W", album="Wa", art=None)  # no art at all
-    albums, bad = audioart.scan_albums(lib)
+    albums, bad, _ = audioart.find_albums(lib)
     art = {a.key: (a.art.name if a.art else None, a.art_source) for a in albums}
     assert art == {"X – Xa": ("folder.png", "folder"), "Y – Ya": ("AlbumArt_{ABC}_Large.jpg", "folder"),
                    "Z – Za": ("01 track.ogg", "embedded"), "W – Wa": (None, None)}
@@ -125,7 +127,7 @@ def test_tracks_are_grouped_by_album_artist_and_album_else_folder(tmp_path, cove
     make_album(lib / "Q - Two (disc 2)", "flac", 1, artist="Q", album="two", art=None)  # same album, other folder
     for i in range(2):
         write_audio(lib / "untagged" / f"{i}.wav")
-    albums, _ = audioart.scan_albums(lib)
+    albums, _, _ = audioart.find_albums(lib)
     tracks = {a.key.casefold(): sorted(p.name for p in a.tracks) for a in albums}  # tags differ in case
     assert tracks == {"p – one": ["01 track.mp3", "02 track.mp3"],
                       "q – two": ["01 track.flac", "other.flac"],
@@ -140,7 +142,7 @@ def test_unreadable_audio_is_reported_and_the_rest_scanned(tmp_path, covers):
     broken.write_bytes(good.read_bytes()[: 200])  # cut inside the metadata blocks
     (lib / "bad" / "notes.mp3").write_text("not audio at all")
     (lib / "bad" / "empty.ogg").write_bytes(b"")
-    albums, bad = audioart.scan_albums(lib)
+    albums, bad, _ = audioart.find_albums(lib)
     assert [a.key for a in albums] == ["G – Ga"]
     assert sorted(Path(b["path"]).name for b in bad) == ["broken.flac", "empty.ogg", "notes.mp3"]
     assert all(b["reason"] for b in bad)
@@ -323,7 +325,7 @@ def test_tag_dry_run_write_failures_and_undo(music, index, tmp_path):
 
 
 def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_path):
-    from stylegen.engine import Engine
+    from stylegen.query.engine import Engine
 
     root, albums = music
     idx = tmp_path / "idx"
@@ -347,7 +349,7 @@ def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_pat
 
 
 def test_scan_of_a_folder_without_audio_is_a_one_line_error(index, tmp_path, monkeypatch, capsys):
-    from stylegen.cli import main
+    from stylegen.apps.cli import main
 
     make_image(tmp_path / "photos" / "cover.jpg", kind=0)
     monkeypatch.setattr(sys, "argv", ["stylegen", "library", "scan", str(tmp_path / "photos"), "--index", str(index)])

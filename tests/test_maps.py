@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from stylegen.maps import build_map, layout, map_html, map_png
-from stylegen.store import Index
+from stylegen.apps.maps import build_map, layout, map_html, map_png
+from stylegen.index.store import Index
 from tests.conftest import headless_chromium, make_image, write_index
 
 GENRES = ["jazz", "metal", "pop"]
@@ -82,7 +82,7 @@ def test_html_is_self_contained_and_png_is_written(planted_index: Index, tmp_pat
 
 
 def test_cli_map_and_its_errors(planted_index: Index, tmp_path: Path):
-    from stylegen.cli import app
+    from stylegen.apps.cli import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["map", "--index", str(planted_index.root), "--out", str(tmp_path / "m.html"),
@@ -97,8 +97,8 @@ def test_cli_map_and_its_errors(planted_index: Index, tmp_path: Path):
 def test_served_map_tab(planted_index: Index):
     from fastapi.testclient import TestClient
 
-    from stylegen.engine import Engine
-    from stylegen.service import create_app
+    from stylegen.apps.service import create_app
+    from stylegen.query.engine import Engine
 
     client = TestClient(create_app(Engine(planted_index)))
     data = client.get("/api/map", params={"by": "content"}).json()

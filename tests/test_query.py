@@ -21,13 +21,13 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
-from stylegen import scoring
-from stylegen.cli import app
-from stylegen.engine import Engine
+from stylegen.apps.cli import app
+from stylegen.apps.service import create_app
+from stylegen.evaluation import runs as scoring
 from stylegen.heads.io import read_head_set
-from stylegen.labels import Taxonomy
-from stylegen.service import create_app
-from stylegen.train import train
+from stylegen.heads.train import train
+from stylegen.query.engine import Engine
+from stylegen.sources.labels import Taxonomy
 from tests.conftest import COVERS_CSV, embed_tiny, needs_real_data, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
@@ -93,7 +93,7 @@ def test_the_query_path_loads_neither_scikit_learn_nor_torch(planted):
     root, idx = planted
     code = f"""
 import sys
-from stylegen.engine import Engine
+from stylegen.query.engine import Engine
 engine = Engine.open({str(idx)!r})
 for method in ("head", "knn", "ensemble"):
     r = engine.query({str(root / "img" / "metal3.png")!r}, method=method, k=3)
@@ -164,7 +164,7 @@ def test_tabular_columns_are_matched_by_name(tmp_path):
     table.to_csv(tmp_path / "table.csv", index=False)
     table[["energy", "image", "loudness", "tempo"]].to_csv(tmp_path / "shuffled.csv", index=False)
     embed_tiny(tmp_path / "train.csv", tmp_path / "idx")
-    from stylegen.tabular import load_tabular
+    from stylegen.sources.tabular import load_tabular
 
     meta = Engine.open(tmp_path / "idx").index.metadata
     values, columns = load_tabular(meta, table=tmp_path / "table.csv")
@@ -190,7 +190,7 @@ def test_multi_label_roll_up_stays_a_probability():
 
 
 def test_pixel_limit_is_the_same_for_the_collection_and_queries(planted, tmp_path):
-    from stylegen.images import DEFAULT_MAX_PIXELS
+    from stylegen.sources.images import DEFAULT_MAX_PIXELS
 
     _, idx = planted
     huge = tmp_path / "huge.png"

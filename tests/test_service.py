@@ -21,8 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from stylegen import images, service
-from stylegen.engine import Engine
+from stylegen.apps import service
+from stylegen.apps.service import create_app
 from stylegen.errors import (
     BadImageError,
     DataError,
@@ -31,7 +31,8 @@ from stylegen.errors import (
     UnknownCoverError,
     UnsupportedImageError,
 )
-from stylegen.service import create_app
+from stylegen.query.engine import Engine
+from stylegen.sources import images
 from tests.conftest import embed_tiny
 
 GENRES = ("metal", "jazz", "pop", "electronic")
@@ -76,7 +77,7 @@ def index_dir(tmp_path_factory) -> Path:
     """16 generated covers (4 genres) embedded, with linear, kNN and ensemble heads."""
     from threadpoolctl import threadpool_limits
 
-    from stylegen.train import train
+    from stylegen.heads.train import train
 
     root = tmp_path_factory.mktemp("service")
     write_covers(root / "covers").to_csv(root / "covers.csv", index=False)
@@ -532,7 +533,7 @@ def test_between_40m_and_50m_pixels_is_refused_by_api_and_cli(
     path = tmp_path / "big.png"
     path.write_bytes(data)
 
-    from stylegen import cli
+    from stylegen.apps import cli
 
     monkeypatch.setattr(sys, "argv", ["stylegen", "classify", str(path), "--index", str(index_dir)])
     with pytest.raises(SystemExit) as exit_info:
@@ -684,9 +685,36 @@ def test_http_status_for() -> None:
     assert service.http_status_for(service.RequestError("x", 422)) == 422
 
 
-def test_serve_binds_loopback_by_default(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
-    seen = {}
+def test_serve_command_passes_host_port_and_upload_limit_to_uvicorn(monkeypatch: pytest.MonkeyPatch,
+                                                                    index_dir: Path) -> None:
+    """``stylegen serve``: the host and port given reach uvicorn, the app it gets serves this
+    index with the upload limit asked for."""
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+
+    seen: dict = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(kw, app=app))
-    service.serve(engine, max_upload_bytes=123)
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
-    assert TestClient(seen["app"]).get("/api/info").json()["limits"]["max_upload_bytes"] == 123
+    result = CliRunner().invoke(app, ["serve", "--index", str(index_dir), "--host", "0.0.0.0",
+                                      "--port", "8765", "--max-upload-mb", "0.5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (seen["host"], seen["port"]) == ("0.0.0.0", 8765)
+    assert "http://0.0.0.0:8765" in result.output
+    with TestClient(seen["app"]) as client:
+        info = client.get("/api/info").json()
+        assert info["limits"]["max_upload_bytes"] == MIB // 2 and info["count"] == N_COVERS
+        assert client.post("/classify", data={"id": "3"}).json()["genres"][0]["genre"] == GENRES[3]
+
+
+@pytest.mark.parametrize("port", ["eighty", "80.5"])
+def test_serve_command_bad_port_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys, index_dir: Path,
+                                                    port: str) -> None:
+    from stylegen.apps import cli
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("served despite a bad port"))
+    monkeypatch.setattr(sys, "argv", ["stylegen", "serve", "--index", str(index_dir), "--port", port])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "--port" in err and "Traceback" not in err

@@ -5,9 +5,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stylegen import store
 from stylegen.errors import IndexNotFoundError, StylegenError
-from stylegen.store import Index, build_faiss, choose_index_key
+from stylegen.index import store
+from stylegen.index.store import Index, build_faiss, choose_index_key
 
 from .conftest import write_index
 
@@ -40,7 +40,7 @@ def test_a_second_writer_is_refused(tmp_path, genre_folder):
     idx.mkdir()
     with open(idx / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(StylegenError, match="another stylegen embed"):
+        with pytest.raises(StylegenError, match="another stylegen run is writing"):
             stylegen.embed(genre_folder, idx, workers=0, progress=False)
 
 

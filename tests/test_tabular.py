@@ -1,4 +1,4 @@
-"""Tests for stylegen.tabular: joins, column selection and one-line errors."""
+"""Tests for stylegen.sources.tabular: joins, column selection and one-line errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from stylegen.errors import DataError
-from stylegen.tabular import load_tabular
+from stylegen.sources.tabular import load_tabular
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from stylegen.errors import DataError
-from stylegen.numeric import matmul
+from stylegen.util.numeric import matmul
 
 Layers = list[tuple[np.ndarray, np.ndarray]]
 FORMAT = 1

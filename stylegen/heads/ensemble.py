@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
 from stylegen.heads.compiled import CompiledEnsemble, align_columns
-from stylegen.labels import decode_predictions, encode_targets, grouped_split
+from stylegen.sources.labels import decode_predictions, encode_targets, grouped_split
 
 
 def log_loss(proba: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:

@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from stylegen.errors import DataError
-from stylegen.labels import Taxonomy
+from stylegen.sources.labels import Taxonomy
 
 
 def level_name(level: int) -> str:

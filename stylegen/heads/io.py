@@ -11,9 +11,6 @@ the compiled form, plain arrays, with neither.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +18,15 @@ import numpy as np
 
 from stylegen.errors import DataError, IndexMismatchError, ModelNotFoundError
 from stylegen.heads.compiled import Compiled, load_compiled, save_compiled, saveable
+from stylegen.util.persist import VersionedFolder, atomic_write
 
 FORMAT = 1
 HEADS_DIR = "heads"  # an index's head sets: DIR/heads/set-N/ named in DIR/heads/CURRENT
+
+
+def head_sets(root: str | Path) -> VersionedFolder:
+    """The head sets of the index at ``root``: ``DIR/heads/set-NNNNNN`` named in ``DIR/heads/CURRENT``."""
+    return VersionedFolder(Path(root) / HEADS_DIR, "set-")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -53,19 +56,6 @@ def _params(head: Any) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in head.get_params(deep=False).items()}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_head(head: Any, path: str | Path, *, feature_id: str | None = None) -> Path:
     """Write ``head`` to ``path``, its compiled form to ``<path>.predict.npz`` (heads with
     ``compile``) and its sidecar to ``<path>.json``; returns ``path``."""
@@ -86,14 +76,14 @@ def save_head(head: Any, path: str | Path, *, feature_id: str | None = None) -> 
         "classes": [str(c) for c in head.classes_],
         "feature_id": feature_id,
     }
-    _atomic_write(path, lambda tmp: joblib.dump(head, tmp))
+    atomic_write(path, lambda tmp: joblib.dump(head, tmp))
     compiled = head.compile() if hasattr(head, "compile") else None
     if saveable(compiled):
-        _atomic_write(compiled_path(path), lambda tmp: save_compiled(compiled, tmp))
+        atomic_write(compiled_path(path), lambda tmp: save_compiled(compiled, tmp))
     else:  # e.g. an ensemble around a plain scikit-learn pipeline: the pickle serves queries
         compiled_path(path).unlink(missing_ok=True)
     text = json.dumps(info, indent=2)
-    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -154,8 +144,7 @@ def load_predictor(path: str | Path, *, expect_feature_id: str | None = None) ->
 def read_head_set(root: str | Path) -> dict[str, Any]:
     """``heads.json`` of the live head set, with ``"dir"``: the folder holding its files."""
     base = Path(root) / HEADS_DIR
-    current = base / "CURRENT"
-    folder = base / current.read_text().strip() if current.is_file() else base  # before sets: flat
+    folder = head_sets(root).current() or base  # before sets: flat
     path = folder / "heads.json"
     if not path.is_file():
         raise ModelNotFoundError(f"no trained heads in {root} (run `stylegen train --index {root}`)")
@@ -164,3 +153,25 @@ def read_head_set(root: str | Path) -> dict[str, Any]:
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
     return {**config, "dir": str(folder)}
+
+
+def write_head_set(root: str | Path, heads: dict[str, Any], config: dict[str, Any], feature_id: str) -> Path:
+    """Write the heads and ``heads.json`` as one set, all or nothing.
+
+    The set is written whole under a temporary name, renamed to ``set-NNNNNN`` and only then
+    named in ``DIR/heads/CURRENT`` (:class:`~stylegen.util.persist.VersionedFolder`). A run
+    that dies part-way leaves the previous heads in use, unchanged.
+    """
+    def fill(tmp: Path) -> None:
+        for head_name, head in heads.items():
+            save_head(head, tmp / f"{head_name}.joblib", feature_id=feature_id)
+        (tmp / "heads.json").write_text(json.dumps(config, indent=1))
+
+    sets = head_sets(root)
+    final = sets.commit(fill)
+    # heads saved flat in DIR/heads by stylegen before head sets existed (their own names)
+    for old in [*sets.base.glob("*.joblib"), *sets.base.glob("*.joblib.json"),
+                *sets.base.glob("*.joblib.predict.npz"), sets.base / "heads.json"]:
+        if old.is_file():
+            old.unlink()
+    return final

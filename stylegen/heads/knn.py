@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
 from stylegen.heads.compiled import CompiledKNN, vote, vote_multi
-from stylegen.labels import decode_predictions, encode_targets
+from stylegen.sources.labels import decode_predictions, encode_targets
 
 __all__ = ["KNNHead", "vote", "vote_multi"]
 

@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from stylegen.errors import DataError
 from stylegen.heads.compiled import CompiledLinear
-from stylegen.labels import decode_predictions, encode_targets
+from stylegen.sources.labels import decode_predictions, encode_targets
 
 
 class LinearHead(ClassifierMixin, BaseEstimator):

@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from stylegen.errors import DataError
 from stylegen.heads.compiled import CompiledMLP, standardise_table
-from stylegen.labels import decode_predictions, encode_targets, grouped_split
+from stylegen.sources.labels import decode_predictions, encode_targets, grouped_split
 
 MODES = ("image", "tabular", "hybrid")
 

@@ -1,0 +1,1 @@
+"""Genres for a music library: scan albums' art, suggest genres, write tags safely, undo."""

@@ -1,0 +1,1 @@
+"""Quality: metric functions (scikit-learn), cross-validation and held-out runs, reports."""

@@ -1,0 +1,269 @@
+"""Score an index's genre models: on a held-out test manifest, or by cross-validation.
+
+``evaluate_test`` embeds the test images exactly as the index was built and scores the
+trained heads; covers that the heads were trained on are left out (and counted), so a
+score is never computed on fitted data. ``cross_validate`` compares heads and feature
+parts on the index itself with artist-disjoint folds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from stylegen.errors import DataError
+from stylegen.evaluation.metrics import (
+    compare_table,
+    cross_val_predict_proba,
+    grouped_metrics,
+    multi_label_metrics,
+    single_label_metrics,
+)
+from stylegen.heads import EnsembleHead
+from stylegen.heads.train import HEAD_NAMES, artist_groups, labelled_rows, make_heads
+from stylegen.index.store import Index
+from stylegen.query.engine import Engine
+from stylegen.sources import images
+from stylegen.sources.labels import multi_labels, single_labels
+
+PART_CHOICES = ("style", "content", "both")
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy", "macro_auroc", "macro_auprc")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where per-item numbers for hybrid heads come from: a CSV (or the manifest's own
+    columns when ``path`` is None), which columns, and the key column joining it to images."""
+
+    path: Path | None
+    columns: list[str] | None
+    key: str = "image"
+
+
+@dataclass
+class Outcome:
+    """What ``stylegen evaluate`` prints: JSON, or a text summary with tables."""
+
+    metrics: dict[str, Any]
+    text: str
+
+    def as_json(self) -> Any:
+        return jsonable(self.metrics)
+
+    def summary(self) -> str:
+        return self.text
+
+
+def jsonable(value: Any) -> Any:
+    """Metrics as plain JSON types (numpy scalars and arrays converted)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, pd.DataFrame):
+        return jsonable(value.reset_index().to_dict(orient="records"))
+    return value
+
+
+def run_test(index_dir: str | Path, manifest: str | Path, *, method: str | None = None,
+             table: TableSpec | None = None, report: str | Path | None = None,
+             device: str = "auto") -> Outcome:
+    """``stylegen evaluate --test``: score the trained heads on a held-out manifest."""
+    from stylegen.evaluation.metrics import write_report
+
+    engine = Engine.open(index_dir, device=device)
+    tab = None
+    if table is not None:
+        keys = images.list_source(manifest)[table.key].astype(str).tolist()
+        tab = engine.tabular_for(keys, table.path if table.path is not None else manifest, table.columns, table.key)
+    metrics = evaluate_test(engine, manifest, method, tabular=tab)
+    if report is not None:
+        write_report(metrics, report, f"Evaluation of {index_dir} on {manifest}")
+    lines = ["  ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                       for k in SUMMARY_KEYS if k in metrics)]
+    if metrics["n_in_training_excluded"]:
+        lines.append(f"left out {metrics['n_in_training_excluded']} test covers the heads were trained on")
+    lines += [f"  {src}: n={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f}"
+              for src, m in (metrics.get("by_source") or {}).items()]
+    return Outcome(metrics, "\n".join(lines))
+
+
+def run_cv(index_dir: str | Path, n_splits: int, *, heads: Sequence[str] = HEAD_NAMES,
+           parts: Sequence[str] = PART_CHOICES, table: TableSpec | None = None,
+           report: str | Path | None = None) -> Outcome:
+    """``stylegen evaluate --cv N``: compare heads and feature parts with artist-disjoint folds."""
+    from stylegen.evaluation.metrics import to_markdown, write_report
+    from stylegen.sources.tabular import load_tabular
+
+    tab = None
+    if table is not None:
+        meta = Index.open(index_dir, use_gpu=False).metadata
+        tab, _ = load_tabular(meta, columns=table.columns, table=table.path, key=table.key)
+    frame, results = cross_validate(index_dir, n_splits, heads=heads, parts=parts, tabular=tab)
+    variants = variant_tables(results) if tab is not None else {}
+    if report is not None:
+        best = "mlp-hybrid" if tab is not None else max(results, key=lambda k: results[k]["accuracy"])
+        write_report(results[best], report, f"Cross-validation ({n_splits} stratified, artist-disjoint folds); "
+                     f"{'headline' if tab is not None else 'best'}: {best}",
+                     extra_tables={**variants, "All heads and feature parts": frame})
+        if tab is not None:
+            plot_variant_confusions(results, report)
+    keys = (*SUMMARY_KEYS[:5], "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std")
+    metrics = {k: {m: v[m] for m in keys if m in v} for k, v in results.items()}
+    text = "\n\n".join([to_markdown(frame), *(f"{name}\n\n{to_markdown(t)}" for name, t in list(variants.items())[:2])])
+    return Outcome(metrics, text)
+
+
+def evaluate_test(
+    engine: Engine,
+    manifest: str | Path,
+    method: str | None = None,
+    tabular: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``method`` on the labelled images of a test manifest (CSV or folder).
+
+    Every image goes through :meth:`Engine.query_many`, the path ``classify`` takes. Covers
+    the heads were trained on (found by content hash) are left out and counted, so a score
+    is never computed on fitted data.
+    """
+    items = images.list_source(manifest)
+    results, bad = engine.query_many(items["path"].tolist(), method=method, tabular=tabular,
+                                     labels=[str(i) for i in range(len(items))], top=3)
+    trained = set(engine.head_config["train_rows"])
+    fresh = [r for r in results if r.row is None or r.row not in trained]
+    out: dict[str, Any] = {"n_images": len(items), "n_unreadable": len(bad),
+                           "n_in_training_excluded": len(results) - len(fresh), "bad": bad,
+                           "method": results[0].method if results else None}
+    if not fresh:
+        raise DataError("no test image is left: all are unreadable or were used to train the heads")
+    bad = [{**b, "image": items["image"].iloc[int(b["image"])]} for b in bad]
+    out["bad"] = bad
+    items = items.iloc[[int(r.label) for r in fresh]].reset_index(drop=True)
+    out["predictions"] = [{"image": img, "genres": r.genres} for img, r in zip(items["image"], fresh, strict=True)]
+    proba, classes = np.stack([r.proba for r in fresh]), fresh[0].classes
+    if engine.head_config["labels"] == "multi":
+        out.update(multi_label_metrics(multi_labels(items), proba, classes))
+        return out
+    y = single_labels(items)
+    lab = y.notna().to_numpy()
+    if not lab.any():
+        raise DataError(f"test manifest {manifest} has no single-label rows (column genre)")
+    metrics = single_label_metrics(y[lab].astype(str).tolist(), proba[lab], classes)
+    if "source" in items.columns:
+        metrics["by_source"] = grouped_metrics(y[lab].astype(str).tolist(), proba[lab], classes,
+                                               items["source"][lab].tolist())
+    multi = multi_labels(items)
+    if any(len(g) > 1 for g in multi):
+        metrics["multi_label"] = multi_label_metrics(multi, proba, classes)
+    out.update(metrics)
+    return out
+
+
+def cross_validate(
+    index_dir: str | Path,
+    n_splits: int = 5,
+    heads: Sequence[str] = HEAD_NAMES,
+    parts: Sequence[str] = PART_CHOICES,
+    seed: int = 0,
+    tabular: np.ndarray | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Artist-disjoint CV of each head on each feature part; returns (table, metrics)."""
+    index = Index.open(index_dir, use_gpu=False)
+    rows, y = labelled_rows(index.metadata, "single")
+    groups = artist_groups(index.metadata)[rows]
+    sources = index.metadata["source"].to_numpy()[rows] if "source" in index.metadata else None
+    results: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        if part != "both" and part not in index.slices:
+            continue
+        X = index.part_vectors(np.asarray(index.vectors)[rows], part)
+        for name in heads:
+            proto = make_heads(False, seed)[name]
+            fit_kw = (lambda tr: {"groups": groups[tr]}) if isinstance(proto, EnsembleHead) else None
+            proba, classes = cross_val_predict_proba(lambda p=proto: clone(p), X, y, groups,
+                                                     n_splits=n_splits, random_state=seed,
+                                                     fit_kwargs_fn=fit_kw)
+            m = single_label_metrics(y, proba, classes)
+            if sources is not None:
+                m["by_source"] = grouped_metrics(y, proba, classes, sources)
+            results[f"{name} / {part}"] = m
+    if tabular is not None:
+        results.update(_cv_tabular(index, rows, y, groups, tabular, n_splits, seed))
+    return compare_table(results), results
+
+
+TABULAR_VARIANTS = ("image", "tabular", "hybrid")
+
+
+def _cv_tabular(index: Index, rows: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                tabular: np.ndarray, n_splits: int, seed: int,
+                variants: Sequence[str] = TABULAR_VARIANTS,
+                mlp_params: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Image-only, tabular-only and hybrid MLP heads (the hybrid's settings) under the same folds.
+
+    The folds are those of :func:`cross_validate` (stratified by genre, artist-disjoint;
+    one group per row where the index has no artist). ``mlp_params`` overrides settings of
+    :func:`~stylegen.heads.train.make_heads`' hybrid MLP (e.g. ``n_models=1`` for a quick run).
+    Each result also carries the
+    accuracy and macro-F1 of every fold (``folds``) and their mean and std.
+    """
+    X = np.asarray(index.vectors)[rows]
+    tab = np.asarray(tabular, np.float32)[rows]
+    out = {}
+    for mode in variants:
+        proto = clone(make_heads(False, seed, "hybrid")["mlp"]).set_params(**{**(mlp_params or {}), "mode": mode})
+        tests: list[np.ndarray] = []
+
+        def record(test: np.ndarray, tests: list[np.ndarray] = tests) -> dict[str, Any]:
+            tests.append(test)  # the test rows of each fold, for per-fold scores
+            return {}
+
+        proba, classes = cross_val_predict_proba(
+            lambda p=proto: clone(p), X, y, groups, n_splits=n_splits, random_state=seed,
+            extra={"tabular": tab}, predict_kwargs_fn=record)
+        m = single_label_metrics(y, proba, classes)
+        folds = [single_label_metrics(y[t], proba[t], classes) for t in tests]
+        m["folds"] = {k: [f[k] for f in folds] for k in ("n", "accuracy", "macro_f1")}
+        for k in ("accuracy", "macro_f1"):
+            m[f"{k}_mean"], m[f"{k}_std"] = float(np.mean(m["folds"][k])), float(np.std(m["folds"][k]))
+        out[f"mlp-{mode}"] = m
+    return out
+
+
+def variant_tables(results: dict[str, dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """Markdown-ready tables comparing the MLP variants of :func:`_cv_tabular`."""
+    names = [k for k in results if k.startswith("mlp-") and "folds" in results[k]]
+    if not names:
+        return {}
+    head = pd.DataFrame([{
+        "variant": k.removeprefix("mlp-"), "n": results[k]["n"],
+        "accuracy (pooled)": results[k]["accuracy"], "macro-F1 (pooled)": results[k]["macro_f1"],
+        "accuracy per fold": f"{results[k]['accuracy_mean']:.3f} ± {results[k]['accuracy_std']:.3f}",
+        "macro-F1 per fold": f"{results[k]['macro_f1_mean']:.3f} ± {results[k]['macro_f1_std']:.3f}",
+    } for k in names]).set_index("variant")
+    per_genre = pd.DataFrame({k.removeprefix("mlp-"): {c["genre"]: c["f1"] for c in results[k]["per_class"]}
+                              for k in names})
+    per_genre.index.name = "genre (F1)"
+    pngs = pd.DataFrame([{"variant": k.removeprefix("mlp-"),
+                          "confusion": f"![{k}](confusion_{k}.png)"} for k in names]).set_index("variant")
+    return {"Image-only, tabular-only and hybrid MLP (same folds)": head,
+            "Per-genre F1 of each variant": per_genre,
+            "Confusion matrix of each variant (row-normalised)": pngs}
+
+
+def plot_variant_confusions(results: dict[str, dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``confusion_mlp-<variant>.png`` in ``out_dir`` for each MLP variant of :func:`_cv_tabular`."""
+    from stylegen.evaluation.metrics import plot_confusion
+
+    return [plot_confusion(m["confusion"], m["classes"], Path(out_dir) / f"confusion_{k}.png")
+            for k, m in results.items() if k.startswith("mlp-") and "folds" in m]

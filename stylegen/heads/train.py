@@ -1,0 +1,176 @@
+"""Fit genre heads on an index's vectors and store them in ``DIR/heads``.
+
+Heads: ``linear`` (logistic regression, C by CV), ``mlp`` (torch, early stopping; a hybrid
+image + table model when tabular columns are given), ``knn`` (similarity-weighted votes)
+and ``ensemble`` (head + kNN, weight chosen on validation data). ``heads.json`` records
+the labels, classes, taxonomy, training rows and a validation score for each head, and
+the index's ``feature_id``: heads are refused once the index's vectors change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+from sklearn.model_selection import GroupShuffleSplit
+
+from stylegen import heads as head_classes
+from stylegen.errors import DataError, StylegenError
+from stylegen.heads.io import write_head_set
+from stylegen.index.store import Index
+from stylegen.sources.labels import Taxonomy, multi_labels, single_labels
+
+HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")
+
+
+def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str, Any]:
+    """Unfitted heads with the project's defaults (also used by cross-validation)."""
+    linear = head_classes.LinearHead(multi_label=multi, random_state=seed)
+    # with a table: a wider table branch, more patience and 5 averaged nets (5-fold CV on GTZAN,
+    # docs/results_gtzan.md: hybrid macro-F1 0.754 -> 0.78)
+    table_kw = {} if mlp_mode == "image" else {"tabular_hidden": (128,), "patience": 40, "n_models": 5}
+    return {
+        "linear": linear,
+        "mlp": head_classes.MLPHead(multi_label=multi, random_state=seed, mode=mlp_mode, hidden=(256,), dropout=0.5,
+                       **table_kw),
+        # k=50, temperature 0.1: best kNN vote and best ensemble partner on the covers
+        # (docs/results_covers_research.md, rows 41-50)
+        "knn": head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
+        "ensemble": head_classes.EnsembleHead(clone(linear), head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
+                                 random_state=seed),
+    }
+
+
+def labelled_rows(meta: pd.DataFrame, labels: str) -> tuple[np.ndarray, Any]:
+    """Index rows that carry labels and the labels (strings, or lists when multi)."""
+    if labels == "single":
+        y = single_labels(meta)
+        rows = np.flatnonzero(y.notna().to_numpy())
+        return rows, y.to_numpy()[rows].astype(str)
+    if labels == "multi":
+        lists = multi_labels(meta)
+        rows = np.array([i for i, g in enumerate(lists) if g], dtype=int)
+        return rows, [lists[i] for i in rows]
+    raise StylegenError(f"--labels must be single or multi, got {labels!r}")
+
+
+def default_method(heads: Sequence[str], scores: dict[str, float | None], default_head: str) -> str:
+    """The method ``classify`` uses unless told: the best validated of head / knn / ensemble
+    (ties go to the ensemble, then the head); without scores, the ensemble when trained."""
+    candidates = {"ensemble": "ensemble", "head": default_head, "knn": "knn"}
+    trained = {m: h for m, h in candidates.items() if h in heads and (m != "head" or h in ("linear", "mlp"))}
+    scored = {m: scores[h] for m, h in trained.items() if scores.get(h) is not None}
+    if scored:
+        return max(scored, key=lambda m: scored[m])  # max keeps the first of equal scores
+    return next(iter(trained), "knn")
+
+
+def artist_groups(meta: pd.DataFrame) -> np.ndarray:
+    """Group id per row: the artist where known, else the row itself (one cover, one group)."""
+    artist = meta["artist"].fillna("").astype(str).to_numpy() if "artist" in meta else np.full(len(meta), "")
+    return np.array([a.strip().lower() or f"#row{i}" for i, a in enumerate(artist)])
+
+
+def drop_rare(rows: np.ndarray, y: Any, min_count: int) -> tuple[np.ndarray, Any, list[str]]:
+    """Leave out labels seen fewer than ``min_count`` times (too few to learn or validate)."""
+    lists = [[v] for v in y] if isinstance(y, np.ndarray) else y
+    counts = pd.Series([g for gs in lists for g in gs]).value_counts()
+    rare = sorted(counts[counts < min_count].index)
+    if not rare:
+        return rows, y, []
+    kept = [[g for g in gs if g not in rare] for gs in lists]
+    keep = np.array([bool(k) for k in kept])
+    if isinstance(y, np.ndarray):
+        return rows[keep], y[keep], rare
+    return rows[keep], [k for k, m in zip(kept, keep, strict=True) if m], rare
+
+
+def taxonomy_tree(taxonomy: Taxonomy, classes: Sequence[str]) -> dict[str, list[str]]:
+    """The taxonomy as ``{parent: children}``, with unknown classes added as roots."""
+    tree = {g: list(taxonomy.children.get(g, ())) for g in taxonomy.parents}
+    for c in classes:
+        tree.setdefault(c, [])
+    return tree
+
+
+def _validation_score(head: Any, X: np.ndarray, y: Any, groups: np.ndarray, seed: int,
+                      fit_kw: dict[str, Any], extra: dict[str, np.ndarray]) -> float:
+    """Macro-F1 (single) / accuracy of the top label (multi) on a group-disjoint 20% split."""
+    from sklearn.metrics import f1_score
+
+    tr, va = next(GroupShuffleSplit(1, test_size=0.2, random_state=seed).split(X, groups=groups))
+    take = (lambda idx: y[idx]) if isinstance(y, np.ndarray) else (lambda idx: [y[i] for i in idx])
+    est = clone(head).fit(X[tr], take(tr), **{k: v[tr] for k, v in {**extra, **fit_kw}.items()})
+    proba = est.predict_proba(X[va], **{k: v[va] for k, v in extra.items()})
+    pred = np.asarray(est.classes_)[np.argmax(proba, axis=1)]
+    if isinstance(y, np.ndarray):
+        return float(f1_score(y[va], pred, average="macro"))
+    return float(np.mean([p in take(va)[i] for i, p in enumerate(pred)]))
+
+
+def train(
+    index_dir: str | Path,
+    heads: Sequence[str] = HEAD_NAMES,
+    labels: str = "single",
+    taxonomy: str | Path | None = None,
+    tabular: np.ndarray | None = None,
+    tabular_columns: Sequence[str] | None = None,
+    seed: int = 0,
+    validate: bool = True,
+) -> dict[str, Any]:
+    """Fit ``heads`` on the labelled covers of the index; returns what heads.json records."""
+    unknown = set(heads) - set(HEAD_NAMES)
+    if unknown or not heads:
+        raise StylegenError(f"heads must be among {', '.join(HEAD_NAMES)}, got {', '.join(heads)}")
+    index = Index.open(index_dir, use_gpu=False)
+    rows, y = labelled_rows(index.metadata, labels)
+    rows, y, dropped = drop_rare(rows, y, min_count=3)
+    if len(rows) < 4:
+        raise DataError(f"the index has {len(rows)} labelled covers; at least 4 are needed to train")
+    X = np.ascontiguousarray(index.vectors[rows], dtype=np.float32)
+    groups = artist_groups(index.metadata)[rows]
+    extra = {}
+    if tabular is not None:
+        if len(tabular) != len(index):
+            raise DataError(f"tabular features have {len(tabular)} rows, the index {len(index)}")
+        extra = {"tabular": np.asarray(tabular, np.float32)[rows]}
+    factory = make_heads(labels == "multi", seed, "hybrid" if extra else "image")
+    tax = Taxonomy.load(taxonomy) if taxonomy else Taxonomy.default()
+    scores: dict[str, float] = {}
+    fitted_heads = {}
+    for name in heads:
+        head = factory[name]
+        kw = extra if name == "mlp" else {}
+        # the ensemble picks its weight on an artist-disjoint split (kNN votes from an artist's
+        # other covers would look too good); the MLP's early stopping did worse with one
+        fit_groups = {"groups": groups} if isinstance(head, head_classes.EnsembleHead) else {}
+        if validate:
+            try:
+                scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
+            except (StylegenError, ValueError):  # too few covers for a held-out split
+                scores[name] = None
+        fitted = clone(head).fit(X, y, **kw, **fit_groups)
+        fitted_heads[name] = fitted
+        classes = [str(c) for c in fitted.classes_]
+    trainable = [h for h in ("linear", "mlp") if h in heads]
+    default_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
+    config = {
+        "feature_id": index.feature_id,
+        "labels": labels,
+        "heads": list(heads),
+        "default_head": default_head,
+        "default_method": default_method(heads, scores, default_head),
+        "classes": classes,
+        "dropped_classes": dropped,
+        "validation_macro_f1" if labels == "single" else "validation_top1_in_labels": scores,
+        "taxonomy": taxonomy_tree(tax, classes),
+        "train_rows": [int(r) for r in rows],
+        "tabular_columns": list(tabular_columns) if tabular_columns is not None else None,
+        "seed": seed,
+    }
+    write_head_set(index.root, fitted_heads, config, index.feature_id)
+    return config

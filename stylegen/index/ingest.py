@@ -1,0 +1,346 @@
+"""Ingest: SOURCE -> reader (decode workers) -> featurizer -> shard writer, then build.
+
+``embed`` is the one-command path: hash the source's files, skip covers the index or an
+earlier (interrupted) run's shards already hold, write the rest to shards
+(:mod:`stylegen.index.shards`), then bring the index up to date (:mod:`stylegen.index.build`). The
+stages are small callables, so the same reader and featurizer run in this process
+(:func:`ingest_local`) or on Ray Data (:mod:`stylegen.index.ingest_ray`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stylegen.config import EmbedConfig, Preprocess, default_config
+from stylegen.errors import IndexMismatchError, StylegenError
+from stylegen.featurize.features import Featurizer
+from stylegen.featurize.runtime import resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from stylegen.index.build import (
+    DEFAULT_MAX_SAMPLE,
+    BuildResult,
+    current_manifest,
+    index_ingest_id,
+    open_current,
+    update_index,
+)
+from stylegen.index.shards import RUN_COLUMNS, clean_partial, describe, list_shards, write_shard
+from stylegen.index.store import Index, exclusive
+from stylegen.sources import images
+from stylegen.util.persist import atomic_write_text
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class EmbedReport:
+    """What one run did; also written to ``DIR/embed_report.json`` (+ ``bad_files.csv``)."""
+
+    total: int = 0
+    added: int = 0
+    already_indexed: int = 0
+    resumed: int = 0  # covers an interrupted run had already ingested
+    embedded: int = 0  # covers this run sent through the featurizer (bad ones included)
+    duplicates: int = 0
+    bad: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    build_seconds: float = 0.0
+    count: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.embed_seconds if self.embed_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.added} added, {self.already_indexed} already indexed, {len(self.bad)} skipped"
+            f" (bad), {self.duplicates} duplicates; index holds {self.count} covers"
+            f" [{self.seconds:.1f} s, {self.images_per_second:.1f} img/s]"
+        )
+
+
+def load_featurizer(
+    config: EmbedConfig, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+    runtime: str = "auto",
+) -> Any:
+    """The featurizer ``config`` describes, on ``runtime`` (see :mod:`stylegen.featurize.runtime`)."""
+    from stylegen.featurize import runtime as runtimes
+
+    return runtimes.load_featurizer(config, device, precision, channels_last, runtime)
+
+
+class _Reader:
+    """The covers of a run as a map-style dataset (``len`` and ``[i]``) for torch's DataLoader."""
+
+    def __init__(self, rows: list[int], paths: list[str], spec: Preprocess, max_pixels: int) -> None:
+        self.rows, self.paths, self.spec, self.max_pixels = rows, paths, spec, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> images.Decoded:
+        return images.decode(self.rows[i], self.paths[i], self.spec, self.max_pixels)
+
+
+def _collate(items: list[images.Decoded]) -> tuple[list[int], np.ndarray | None, list[images.Decoded]]:
+    good = [d for d in items if d.pixels is not None]
+    bad = [d for d in items if d.pixels is None]
+    pixels = np.stack([d.pixels for d in good]) if good else None
+    return [d.row for d in good], pixels, bad
+
+
+def read_batches(
+    rows: list[int], paths: list[str], spec: Preprocess, batch_size: int, workers: int, max_pixels: int
+) -> Iterator[tuple[list[int], np.ndarray | None, list[images.Decoded]]]:
+    """Decode images in ``workers`` processes, yielding (rows, uint8 batch, failures).
+
+    ``workers=0`` decodes in this process without importing torch (the CPU default, where
+    an exported runtime may serve the featurizer without it)."""
+    reader = _Reader(rows, paths, spec, max_pixels)
+    if workers == 0:
+        for start in range(0, len(reader), batch_size):
+            yield _collate([reader[i] for i in range(start, min(start + batch_size, len(reader)))])
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        reader, batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4,
+    )
+    yield from loader
+
+
+def default_workers(device_type: str, cpus: int | None = None) -> int:
+    """Decode processes for a device: on a GPU decoding is the bottleneck, so most cores
+    decode; on a CPU the cores are busy with the forward pass and decode workers only
+    compete with it (on 2 cores, decoding inline was fastest: docs/benchmarks.md)."""
+    if cpus is None:  # the cores this process may use (sched_getaffinity is Linux-only)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return cpus // 4
+
+
+def default_batch_size(device_type: str) -> int:
+    """Forward batch per device: small batches stay in a CPU's caches (16 was fastest here,
+    8-64 measured in docs/benchmarks.md); a GPU wants larger ones."""
+    return 64 if device_type == "cuda" else 16
+
+
+
+def embed(
+    source: str | Path,
+    index_dir: str | Path,
+    config: EmbedConfig | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    precision: str = "auto",
+    channels_last: bool = True,
+    checkpoint_every: int = 1024,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    runtime: str = "auto",
+) -> EmbedReport:
+    """Embed every new image of ``source`` into the index at ``index_dir``: ingest, then build.
+
+    Ingest writes the new covers' raw features to shards of ``checkpoint_every`` covers
+    (:mod:`stylegen.index.shards`); a killed run loses at most the shard it was filling. Build then
+    fits the compression (new index) or appends with the frozen one (existing index; old
+    vectors and trained heads stay valid): :func:`stylegen.index.build.update_index`.
+
+    ``config`` defaults to the existing index's settings (or the defaults for a new index);
+    settings that differ from an existing index are refused. ``precision="auto"`` on an
+    existing index means the index's precision. ``workers`` decode processes and
+    ``batch_size`` forward batch default by device (:func:`default_workers`,
+    :func:`default_batch_size`). ``engine="ray"`` runs read/decode as Ray tasks and the
+    featurizer in Ray actors (``address``: an existing cluster; None starts a local one).
+    ``runtime`` runs the featurizer on ``torch``, ``onnx`` (ONNX Runtime) or ``openvino``
+    (``auto``: the fastest installed for the device, :func:`stylegen.featurize.runtime.resolve_runtime`);
+    they compute the same function, so shards from any runtime mix in one index.
+    """
+    if engine not in ENGINES:
+        raise StylegenError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    t0 = time.perf_counter()
+    index_dir = Path(index_dir)
+    items = images.list_source(source)
+    with exclusive(index_dir):
+        clean_partial(index_dir)
+        existing = open_current(index_dir)
+        if existing is not None and config is not None:
+            existing.check_compatible(config)
+        config = config or (existing.config if existing is not None else default_config())
+        report, todo = _plan(items, existing)
+        built = set(existing.manifest.get("shards", [])) if existing is not None else set()
+        unbuilt = [s for s in list_shards(index_dir) if s.name not in built]
+        if len(todo) or unbuilt:
+            if existing is not None and precision == "auto":
+                precision = existing.manifest.get("precision", "auto")
+            featurizer = load_featurizer(config, device, precision, channels_last, runtime)
+            info = {**describe(config, featurizer.backbone, featurizer.precision),
+                    "runtime": getattr(featurizer, "runtime", "torch")}
+            _check_same_features(existing, info)
+            for stale in (s for s in unbuilt if s.ingest_id != info["ingest_id"]):
+                shutil.rmtree(stale.path, ignore_errors=True)  # another backbone/precision: unusable
+            ingested = {h for s in unbuilt if s.ingest_id == info["ingest_id"] for h in s.hashes()}
+            resumed = todo["content_hash"].isin(ingested)
+            report.resumed = int(resumed.sum())
+            run = todo[~resumed]
+            t1 = time.perf_counter()
+            if engine == "ray":
+                from stylegen.index.ingest_ray import ingest_ray
+
+                report.bad += ingest_ray(run, index_dir, config, info, device=device, batch_size=batch_size,
+                                         shard_size=checkpoint_every, max_pixels=max_pixels, address=address,
+                                         runtime=runtime)
+            else:
+                report.bad += ingest_local(featurizer, run, index_dir, info, batch_size=batch_size,
+                                           workers=workers, shard_size=checkpoint_every,
+                                           max_pixels=max_pixels, progress=progress)
+            report.embed_seconds = time.perf_counter() - t1
+            report.embedded = len(run)
+            if list_shards(index_dir):
+                built_now = update_index(index_dir, config if existing is None else None)
+                report.added, report.build_seconds = built_now.added, built_now.seconds
+        final = open_current(index_dir)
+        report.count = len(final) if final is not None else 0
+        report.seconds = time.perf_counter() - t0
+        _write_report(index_dir, report)
+    return report
+
+
+def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | None:
+    """The settings the ``embed`` command's options ask for (None: whatever the index has).
+
+    ``options`` are the command's feature settings (``backbone``, ``weights``, ``taps``,
+    ``image_size``, ``parts``, ``style_weight``, ``content_weight``, ``compression``, ``dim``,
+    ``whiten``, ``flip``), None when not given. On an existing index the given ones replace the index's
+    own, so any that differ are refused by name; a new index takes defaults for the rest.
+    """
+    import dataclasses
+
+    manifest = current_manifest(index_dir)
+    given = {k: v for k, v in options.items() if v is not None}
+    if manifest is not None and not given:
+        return None
+    base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else default_config()
+    bb, ft, cp = base.backbone, base.features, base.compression
+    if given.keys() & {"backbone", "weights", "taps", "image_size"}:
+        # another backbone reads its own native size unless one is asked for
+        size = given.get("image_size", None if given.get("backbone", bb.name) != bb.name else bb.image_size)
+        bb = dataclasses.replace(bb, name=given.get("backbone", bb.name), weights=given.get("weights", bb.weights),
+                                 taps=given.get("taps", bb.taps), image_size=size)
+    weights = dict(ft.weights)
+    for part in ("style", "content"):
+        if f"{part}_weight" in given:
+            weights[part] = float(given[f"{part}_weight"])
+    ft = dataclasses.replace(ft, parts=given.get("parts", ft.parts), weights=weights, flip=given.get("flip", ft.flip))
+    dims = {p: int(given["dim"]) for p in cp.dims} if "dim" in given else dict(cp.dims)
+    cp = dataclasses.replace(cp, method=given.get("compression", cp.method), dims=dims,
+                             whiten=given.get("whiten", cp.whiten))
+    return EmbedConfig(backbone=bb, features=ft, compression=cp)
+
+
+def _plan(items: pd.DataFrame, existing: Index | None) -> tuple[EmbedReport, pd.DataFrame]:
+    """Hash the source's files; return the report so far and the rows not yet in the index
+    (one per content hash), numbered by their position in the source for a stable order."""
+    report = EmbedReport(total=len(items))
+    hashed = images.hash_files(items["path"].tolist())
+    items["content_hash"] = [h for h, _ in hashed]
+    items[RUN_COLUMNS[0]] = time.time_ns()
+    items[RUN_COLUMNS[1]] = np.arange(len(items))
+    report.bad += [{"image": items["image"][i], "reason": why} for i, (_, why) in enumerate(hashed) if why]
+    ok = items["content_hash"].notna()
+    dup = ok & items["content_hash"].duplicated()
+    report.duplicates = int(dup.sum())
+    known = set(existing.metadata["content_hash"]) if existing is not None else set()
+    in_index = ok & ~dup & items["content_hash"].isin(known)
+    report.already_indexed = int(in_index.sum())
+    return report, items[ok & ~dup & ~in_index]
+
+
+def _check_same_features(existing: Index | None, info: dict[str, Any]) -> None:
+    """Refuse to add raw features made otherwise than the index's (weights, precision, decoding)."""
+    if existing is None:
+        return
+    m = existing.manifest
+    if m["backbone"]["weights_id"] != info["backbone"]["weights_id"]:
+        raise IndexMismatchError(f"index {existing.root} was built with other backbone weights")
+    if m.get("precision", info["precision"]) != info["precision"]:
+        raise IndexMismatchError(f"index {existing.root} was embedded at precision {m['precision']}, "
+                                 f"asked for {info['precision']}")
+    if index_ingest_id(existing) != info["ingest_id"]:
+        raise IndexMismatchError(f"index {existing.root} was embedded with other preprocessing "
+                                 "(decode spec); rebuild it or use the stylegen version that made it")
+
+
+def ingest_local(
+    featurizer: Featurizer, run: pd.DataFrame, index_dir: Path, info: dict[str, Any], *,
+    batch_size: int | None = None, workers: int | None = None, shard_size: int = 1024,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS, progress: bool = True,
+) -> list[dict[str, str]]:
+    """Reader -> featurizer -> shard writer in this process (decode in ``workers`` processes).
+
+    Writes a shard every ``shard_size`` covers and at the end; returns the bad files."""
+    from stylegen.util.progress import embed_progress
+
+    if workers is None:
+        workers = default_workers(featurizer.device.type)
+    if batch_size is None:
+        batch_size = default_batch_size(featurizer.device.type)
+    run = run.reset_index(drop=True)
+    bad: list[dict[str, str]] = []
+    rows: list[int] = []
+    raw: dict[str, list[np.ndarray]] = {}
+    batches = read_batches(list(range(len(run))), run["path"].tolist(), featurizer.backbone.preprocess,
+                           batch_size, workers, max_pixels)
+    with embed_progress(len(run), enabled=progress) as advance:
+        for got, pixels, failed in batches:
+            bad += [{"image": run["image"][d.row], "reason": d.error or "unreadable"} for d in failed]
+            if pixels is not None:
+                for p, v in featurizer(pixels).items():
+                    raw.setdefault(p, []).append(v)
+                rows += got
+            if len(rows) >= shard_size:
+                _flush(index_dir, run, rows, raw, info)
+            advance(len(got) + len(failed))
+    if rows:
+        _flush(index_dir, run, rows, raw, info)
+    return bad
+
+
+def _flush(index_dir: Path, run: pd.DataFrame, rows: list[int], raw: dict[str, list[np.ndarray]],
+           info: dict[str, Any]) -> None:
+    write_shard(index_dir, {p: np.concatenate(v) for p, v in raw.items()}, run.iloc[rows], info)
+    rows.clear()
+    raw.clear()
+
+
+def build(index_dir: str | Path, *, refit: bool = False, max_sample: int = DEFAULT_MAX_SAMPLE) -> BuildResult:
+    """``stylegen index DIR``: append the ingested covers the index lacks, or refit it."""
+    index_dir = Path(index_dir)
+    with exclusive(index_dir):
+        clean_partial(index_dir)
+        return update_index(index_dir, refit=refit, max_sample=max_sample)
+
+
+def _write_report(index_dir: Path, report: EmbedReport) -> None:
+    if not index_dir.is_dir():
+        return
+    data = {k: v for k, v in report.__dict__.items() if k != "bad"}
+    data["bad_files"] = len(report.bad)
+    atomic_write_text(index_dir / "embed_report.json", json.dumps(data, indent=2))
+    pd.DataFrame(report.bad, columns=["image", "reason"]).to_csv(index_dir / "bad_files.csv", index=False)
