@@ -237,7 +237,11 @@ def test_classify_by_id(client: TestClient, engine: Engine) -> None:
 def test_classify_passes_method(client: TestClient, engine: Engine, method: str) -> None:
     body = client.post("/classify", files=upload(new_cover(1, "jazz")), data={"method": method}).json()
     assert body["method"] == method
-    assert body["genres"] == engine.query(new_cover(1, "jazz"), method=method).genres
+    direct = engine.query(new_cover(1, "jazz"), method=method).genres
+    # the same genres in the same order; probabilities (rounded to 6 places) agree to 1e-5: the
+    # thread pools of ONNX Runtime and FAISS may sum in another order when the machine is loaded
+    assert [(g["genre"], g["path"]) for g in body["genres"]] == [(g["genre"], g["path"]) for g in direct]
+    assert [g["probability"] for g in body["genres"]] == pytest.approx([g["probability"] for g in direct], abs=1e-5)
 
 
 def test_methods_give_different_answers(client: TestClient) -> None:

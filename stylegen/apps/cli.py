@@ -251,7 +251,7 @@ def evaluate(
 def serve(
     index: IndexDir = Path("indexes/default"),
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 20.0,
     device: Device = "auto",
 ) -> None:
