@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Cold start of the CLI: whole processes, repeated, median wall time and peak RSS.
 
-    python scripts/bench_coldstart.py --index /work/indexes/covers [--repeats 5]
-        [--cover PATH] [--baseline /work/main [--baseline-index DIR]]
+    python scripts/bench_coldstart.py --index indexes/covers [--repeats 5]
+        [--cover PATH] [--baseline ../main-baseline [--baseline-index DIR]]
 
 Times ``stylegen --help`` and ``stylegen classify COVER --index IDX`` (a cover that is not
 in the index, so the featurizer runs) as fresh processes. ``--baseline`` runs the same
@@ -58,7 +58,7 @@ def run(cmd: list[str], pythonpath: str) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
+    ap.add_argument("--index", type=Path, default=Path("indexes/covers"))
     ap.add_argument("--cover", type=Path, default=None, help="query image (default: a generated one)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to compare with")

@@ -20,7 +20,7 @@ found pairs touching a copy with that alteration that are true; overall precisio
 every pair of two original covers as false (so a threshold low enough to link unrelated covers
 is penalised when the threshold is tuned). Usage::
 
-    python scripts/bench_duplicates.py --index /work/indexes/covers --work /tmp/dups --out docs/duplicates.json
+    python scripts/bench_duplicates.py --index indexes/covers --work /tmp/dups --out docs/duplicates.json
 """
 
 from __future__ import annotations

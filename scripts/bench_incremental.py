@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Incremental add: 100 new covers into the 4,844-cover index vs a full build, in one run.
 
-    python scripts/bench_incremental.py [--index /work/indexes/covers] [--new 100] [--full]
+    python scripts/bench_incremental.py [--index indexes/covers] [--new 100] [--full]
 
 * works on a copy of the index (the original is never written); an index from before
   shards first moves its raw features into a shard (one-time, timed apart);
@@ -54,7 +54,7 @@ def main() -> None:
     from stylegen.query.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
+    ap.add_argument("--index", type=Path, default=Path("indexes/covers"))
     ap.add_argument("--new", type=int, default=100)
     ap.add_argument("--full", action="store_true", help="also embed every cover into a fresh index")
     a = ap.parse_args()

@@ -1,6 +1,6 @@
 """Flat vs HNSW vs IVF-PQ on N synthetic vectors derived from the real cover vectors.
 
-    python scripts/bench_scale.py --index /work/indexes/covers --n 1000000
+    python scripts/bench_scale.py --index indexes/covers --n 1000000
 
 Data: each database vector is a real cover vector (drawn uniformly from the index's
 vectors.npy) plus Gaussian noise with ``noise**2`` times the real vectors' covariance,
@@ -125,7 +125,7 @@ def run_child(args: argparse.Namespace, role: str, kind: str, key: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
+    p.add_argument("--index", type=Path, default=Path("indexes/covers"))
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall/latency")
     p.add_argument("--tune-queries", type=int, default=500, help="rows held out to tune nprobe/efSearch")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Vectors and genre calls of an exported runtime against eager torch fp32 on real covers.
 
-    python scripts/compare_runtimes.py --index /work/indexes/covers [--n 200] [--runtime onnx]
+    python scripts/compare_runtimes.py --index indexes/covers [--n 200] [--runtime onnx]
 
 For ``--n`` covers of the index: the raw part vectors (cosine per vector, min and mean), the
 final index vectors after the index's PCA, and the top-1 genre of the index's default head
@@ -27,7 +27,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
+    ap.add_argument("--index", type=Path, default=Path("indexes/covers"))
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--runtime", default="onnx")
     a = ap.parse_args()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does int8 (static quantization) pay for the ONNX Runtime featurizer on this CPU?
 
-    python scripts/research_int8.py --index /work/indexes/covers [--calib 200] [--n 128]
+    python scripts/research_int8.py --index indexes/covers [--calib 200] [--n 128]
 
 Quantizes the product's cached ONNX graph (``stylegen.featurize.runtime.ensure_export``: normalisation,
 backbone, Gram matrices) with ONNX Runtime's static quantization (QDQ, per-channel int8
@@ -31,7 +31,7 @@ COVERS = ROOT.parent / "shared" / "data" / "covers" / "covers.csv"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, default=Path("/work/indexes/covers"))
+    ap.add_argument("--index", type=Path, default=Path("indexes/covers"))
     ap.add_argument("--calib", type=int, default=200)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

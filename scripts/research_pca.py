@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How many power iterations does the compression's randomized PCA need?
 
-    python scripts/research_pca.py --index /work/indexes/covers320 [--iterations auto,4,2,1] [--queries 1000]
+    python scripts/research_pca.py --index indexes/covers320 [--iterations auto,4,2,1] [--queries 1000]
 
 Fitting the PCA is the largest cost of a new index that the exported runtimes do not speed
 up. This reads the index's raw part vectors (its ingest shards), fits each part's PCA as
