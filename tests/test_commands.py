@@ -42,7 +42,8 @@ def test_heads_recorded_with_feature_id(trained):
     _, idx = trained
     cfg = read_head_set(idx)
     assert cfg["classes"] == GENRES and cfg["heads"] == ["linear", "knn", "ensemble"]
-    assert sorted(p.name for p in Path(cfg["dir"]).glob("*.joblib")) == ["ensemble.joblib", "knn.joblib", "linear.joblib"]
+    assert sorted(p.name for p in Path(cfg["dir"]).iterdir()) == ["ensemble.json", "ensemble.npz", "heads.json", "knn.json", "knn.npz",
+                                                     "linear.json", "linear.npz"]
     assert cfg["feature_id"] == stylegen.Index.open(idx).feature_id
     assert len(cfg["train_rows"]) == 24
 

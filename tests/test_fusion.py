@@ -99,6 +99,6 @@ def test_table_columns_are_checked(data):
 def test_hybrid_head_round_trips(data, tmp_path):
     (X, table, y), (X_test, table_test, _) = data
     head = mlp("hybrid", max_epochs=3).fit(X, y, tabular=table)
-    loaded = load_head(save_head(head, tmp_path / "hybrid.joblib", feature_id="f"))
+    loaded = load_head(save_head(head, tmp_path / "hybrid.npz", feature_id="f", pickle=True))
     np.testing.assert_array_equal(loaded.predict_proba(X_test, tabular=table_test),
                                   head.predict_proba(X_test, tabular=table_test))

@@ -169,10 +169,10 @@ def test_mlp_head_pickled_with_torch_networks_still_loads(data):
 def test_saved_mlp_head_predicts_without_importing_torch(data, tmp_path):
     (X, y), (X_test, _) = data
     head = small_mlp(max_epochs=3).fit(X, y)
-    save_head(head, tmp_path / "mlp.joblib")
+    save_head(head, tmp_path / "mlp.npz", pickle=True)
     np.save(tmp_path / "x.npy", X_test)
     code = ("import sys, numpy as np; from stylegen.heads import load_head; "
-            f"h = load_head({str(tmp_path / 'mlp.joblib')!r}); "
+            f"h = load_head({str(tmp_path / 'mlp.npz')!r}); "
             f"np.save({str(tmp_path / 'p.npy')!r}, h.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -272,9 +272,8 @@ def test_hierarchical_head_levels_are_consistent():
 def test_save_load_round_trip(name, data, tmp_path):
     (X, y), (X_test, _) = data
     head = FACTORIES[name](False).fit(X, y)
-    path = save_head(head, tmp_path / "heads" / "genre.joblib", feature_id="gram-abc")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["genre.joblib", "genre.joblib.json",
-                                                            "genre.joblib.predict.npz"]
+    path = save_head(head, tmp_path / "heads" / "genre.npz", feature_id="gram-abc", pickle=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["genre.joblib", "genre.json", "genre.npz"]
     info = read_head_info(path)
     assert info["head"] == type(head).__name__ and info["classes"] == CLASSES.tolist()
     assert info["feature_id"] == "gram-abc"
@@ -309,7 +308,7 @@ def test_saved_heads_predict_alike_without_scikit_learn_or_torch(multi, data, tm
     expected = {}
     for name, factory in FACTORIES.items():
         head = factory(multi).fit(X, y)
-        save_head(head, tmp_path / f"{name}.joblib", feature_id="f")
+        save_head(head, tmp_path / f"{name}.npz", feature_id="f")
         expected[name] = head.predict_proba(X_test, exclude=exclude)
     np.save(tmp_path / "x.npy", X_test)
     np.save(tmp_path / "exclude.npy", exclude)
@@ -320,7 +319,7 @@ from stylegen.heads import load_predictor
 root = Path({str(tmp_path)!r})
 x, exclude = np.load(root / "x.npy"), np.load(root / "exclude.npy")
 for name in {list(FACTORIES)!r}:
-    np.save(root / f"{{name}}.p.npy", load_predictor(root / f"{{name}}.joblib", expect_feature_id="f")
+    np.save(root / f"{{name}}.p.npy", load_predictor(root / f"{{name}}.npz", expect_feature_id="f")
             .predict_proba(x, exclude=exclude))
 print(sorted(m for m in ("sklearn", "torch", "scipy") if m in sys.modules))
 """
@@ -331,26 +330,30 @@ print(sorted(m for m in ("sklearn", "torch", "scipy") if m in sys.modules))
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.p.npy"), want, atol=1e-6, err_msg=name)
 
 
-def test_an_ensemble_around_a_plain_pipeline_is_saved_without_a_compiled_form(data, tmp_path):
+def test_a_head_without_a_compiled_form_is_refused_not_pickled(data, tmp_path):
+    """A query can only load plain arrays, so a head it could not load is not saved at all."""
     from sklearn.linear_model import LogisticRegression
 
-    (X, y), (X_test, _) = data
+    (X, y), _ = data
     head = EnsembleHead(LogisticRegression(max_iter=500), KNNHead(k=5)).fit(X, y)
-    path = save_head(head, tmp_path / "ens.joblib", feature_id="f")
-    assert not (tmp_path / "ens.joblib.predict.npz").exists()
-    np.testing.assert_allclose(load_predictor(path).predict_proba(X_test), head.predict_proba(X_test))
+    with pytest.raises(DataError, match="no compiled form"):
+        save_head(head, tmp_path / "ens.npz", feature_id="f")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_errors(tmp_path, data):
     with pytest.raises(ModelNotFoundError):
-        load_head(tmp_path / "absent.joblib")
+        load_head(tmp_path / "absent.npz")
     with pytest.raises(DataError, match="unfitted"):
-        save_head(LinearHead(), tmp_path / "h.joblib")
+        save_head(LinearHead(), tmp_path / "h.npz")
     (X, y), _ = data
-    path = save_head(KNNHead().fit(X, y), tmp_path / "h.joblib", feature_id="f")
-    path.write_bytes(b"truncated")
+    path = save_head(KNNHead().fit(X, y), tmp_path / "h.npz", feature_id="f", pickle=True)
+    path.with_suffix(".joblib").write_bytes(b"truncated")
     with pytest.raises(DataError, match="cannot read head"):
         load_head(path)
+    path.write_bytes(b"truncated")
+    with pytest.raises(DataError, match="cannot read compiled head"):
+        load_predictor(path)
 
 
 def artist_blobs(n_artists: int, per_artist: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -204,3 +204,14 @@ def test_real_covers_labels():
     multi = multi_labels(df)
     assert single.isna().sum() == sum(len(g) > 1 for g in multi)
     assert set(single.dropna()) <= set(Taxonomy.default().roots)
+
+
+def test_the_stored_taxonomy_spells_genres_as_the_data_does():
+    """GTZAN says ``hiphop``, the packaged taxonomy ``hip-hop``: the tree stored with the heads
+    must not hold both (evaluate refused it: 'taxonomy spells one genre twice')."""
+    from stylegen.heads.train import taxonomy_tree
+
+    tree = taxonomy_tree(Taxonomy.default(), ["hiphop", "rock", "blues", "noise"])
+    tax = Taxonomy.from_tree(tree)
+    assert "hiphop" in tax and "hip-hop" not in tax and "noise" in tax
+    assert tax.parent("trap") == "hiphop" and tax.path("hiphop") == ["hiphop"]

@@ -28,6 +28,7 @@ from stylegen.heads.io import read_head_set
 from stylegen.heads.train import train
 from stylegen.query.engine import Engine
 from stylegen.sources.labels import Taxonomy
+from stylegen.util.persist import TMP_PREFIX
 from tests.conftest import COVERS_CSV, embed_tiny, needs_real_data, planted_rows
 
 GENRES = ["jazz", "metal", "pop"]
@@ -149,7 +150,7 @@ def test_a_failed_train_leaves_the_previous_heads_whole(planted, tmp_path, monke
     cfg = read_head_set(copy)
     assert cfg["labels"] == "single" and cfg["heads"] == ["linear", "knn", "ensemble"]
     assert Engine.open(copy).query(root / "img" / "pop1.png").genres == before
-    assert len(calls) == 2 and not list((copy / "heads").glob(".tmp-*"))
+    assert len(calls) == 2 and not list((copy / "heads").glob(f"{TMP_PREFIX}*"))
 
 
 def test_tabular_columns_are_matched_by_name(tmp_path):

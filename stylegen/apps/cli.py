@@ -28,6 +28,9 @@ app = typer.Typer(
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+QueryWeights = Annotated[str | None, typer.Option(
+    "--weights", help="Backbone weights file or open_clip tag, for an index made with other than the packaged "
+                      "weights (stylegen never loads weights because an index names them).")]
 
 
 @app.callback()
@@ -78,7 +81,7 @@ def embed(
         compression=compression, dim=dim, whiten=whiten, flip=flip)
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
                        precision=precision, progress=progress, engine=engine, address=address,
-                       checkpoint_every=shard_size, runtime=runtime)
+                       checkpoint_every=shard_size, runtime=runtime, weights=weights)
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")
@@ -143,11 +146,12 @@ def classify(
     tabular_key: TabularKey = "image",
     device: Device = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="Show the kNN voters and each tap layer's share.")] = False,
+    weights: QueryWeights = None,
 ) -> None:
     """Top genres (with the hierarchical path) for each IMAGE."""
     from stylegen.query.engine import Engine
 
-    engine = Engine.open(index, device=device)
+    engine = Engine.open(index, device=device, weights=weights)
     keys = [str(p) for p in image]
     table = engine.tabular_for(keys, tabular, _columns(tabular_columns), tabular_key) if tabular else None
     results, bad = engine.query_many(image, top=top, method=method, tabular=table, explain=explain)
@@ -173,12 +177,13 @@ def similar(
     as_json: JsonFlag = False,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained contact sheet here.")] = None,
     device: Device = "auto",
+    weights: QueryWeights = None,
 ) -> None:
     """Nearest covers in the index to IMAGE (the query itself is marked when indexed)."""
     from stylegen.apps.render import format_neighbours, write_contact_sheet
     from stylegen.query.engine import Engine
 
-    engine = Engine.open(index, device=device)
+    engine = Engine.open(index, device=device, weights=weights)
     result = engine.query(image, k=k, by=by, classify=False)
     if html is not None:
         write_contact_sheet(html, engine, image, result, by)
@@ -230,6 +235,7 @@ def evaluate(
     tabular_columns: TabularColumns = None,
     tabular_key: TabularKey = "image",
     device: Device = "auto",
+    weights: QueryWeights = None,
 ) -> None:
     """Score the genre models on a test manifest, or by cross-validation on the index."""
     from stylegen.evaluation import runs as scoring
@@ -243,7 +249,8 @@ def evaluate(
         outcome = scoring.run_cv(index, cv, heads=_names(heads, HEAD_NAMES, "--heads"),
                                  parts=_names(parts, scoring.PART_CHOICES, "--parts"), table=table, report=report)
     else:
-        outcome = scoring.run_test(index, test, method=method, table=table, report=report, device=device)
+        outcome = scoring.run_test(index, test, method=method, table=table, report=report, device=device,
+                                   weights=weights)
     typer.echo(json.dumps(outcome.as_json(), indent=2) if as_json else outcome.summary())
 
 
@@ -385,11 +392,12 @@ def duplicates(
         groups_html,
     )
     from stylegen.index.store import Index
+    from stylegen.util.tables import safe_frame
 
     idx, other = Index.open(index), Index.open(against) if against is not None else None
     dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)
     table = group_table(dups, idx, other)
-    for path, text in ((csv, lambda: table.to_csv(index=False)), (html, lambda: groups_html(table, dups))):
+    for path, text in ((csv, lambda: safe_frame(table).to_csv(index=False)), (html, lambda: groups_html(table, dups))):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text(), encoding="utf-8")

@@ -20,6 +20,7 @@ the standalone file inlines both and the data, the served page (``/map``) fetche
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import time
@@ -240,8 +241,13 @@ def _static(name: str) -> str:
 
 
 def map_html(payload: dict[str, Any], title: str = "stylegen map") -> str:
-    """One self-contained page: CSS, JS and data inline (no network)."""
-    data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    """One self-contained page: CSS, JS and data inline (no network).
+
+    Every ``<`` of the data is written ``\\u003c`` (and ``>``, ``&`` likewise), so no title or
+    artist can close the data's script element or open a comment (``<!--<script>``) in it."""
+    data = (json.dumps(payload, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+    title = html.escape(title)
     body = _static("map.html").split("<body>", 1)[1].split("</body>", 1)[0]
     body = body.replace('<script src="/static/map.js" defer></script>', "")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"

@@ -30,6 +30,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from stylegen.errors import DataError
 from stylegen.util.persist import atomic_write, atomic_write_text
+from stylegen.util.tables import safe_frame
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy")
 
@@ -293,7 +294,7 @@ def write_confusion_csv(
     """Save the confusion matrix as CSV, rows true and columns predicted."""
     df = pd.DataFrame(np.asarray(confusion), index=list(classes), columns=list(classes))
     df.index.name = "true\\predicted"
-    return atomic_write(Path(path), lambda tmp: df.to_csv(tmp))
+    return atomic_write(Path(path), lambda tmp: safe_frame(df).to_csv(tmp))
 
 
 def _multi_label_section(ml: Mapping[str, Any]) -> list[str]:

@@ -77,11 +77,12 @@ def jsonable(value: Any) -> Any:
 
 def run_test(index_dir: str | Path, manifest: str | Path, *, method: str | None = None,
              table: TableSpec | None = None, report: str | Path | None = None,
-             device: str = "auto") -> Outcome:
-    """``stylegen evaluate --test``: score the trained heads on a held-out manifest."""
+             device: str = "auto", weights: str | None = None) -> Outcome:
+    """``stylegen evaluate --test``: score the trained heads on a held-out manifest
+    (``weights``: see :class:`~stylegen.query.engine.Engine`)."""
     from stylegen.evaluation.metrics import write_report
 
-    engine = Engine.open(index_dir, device=device)
+    engine = Engine.open(index_dir, device=device, weights=weights)
     tab = None
     if table is not None:
         keys = images.list_source(manifest)[table.key].astype(str).tolist()

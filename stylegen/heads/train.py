@@ -20,9 +20,10 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from stylegen import heads as head_classes
 from stylegen.errors import DataError, StylegenError
-from stylegen.heads.io import write_head_set
-from stylegen.index.store import Index
+from stylegen.heads.io import head_sets, write_head_set
+from stylegen.index.store import Index, exclusive
 from stylegen.sources.labels import Taxonomy, multi_labels, single_labels
+from stylegen.util.persist import clean_temporary
 
 HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")
 
@@ -90,8 +91,11 @@ def drop_rare(rows: np.ndarray, y: Any, min_count: int) -> tuple[np.ndarray, Any
 
 
 def taxonomy_tree(taxonomy: Taxonomy, classes: Sequence[str]) -> dict[str, list[str]]:
-    """The taxonomy as ``{parent: children}``, with unknown classes added as roots."""
-    tree = {g: list(taxonomy.children.get(g, ())) for g in taxonomy.parents}
+    """The taxonomy as ``{parent: children}``, its genres spelled as the classes spell them
+    (the taxonomy matches names by key: GTZAN's ``hiphop`` is its ``hip-hop``), with unknown
+    classes added as roots."""
+    spelling = {name: c for c in classes if (name := taxonomy.find(c)) is not None}
+    tree = {spelling.get(g, g): [spelling.get(k, k) for k in taxonomy.children.get(g, ())] for g in taxonomy.parents}
     for c in classes:
         tree.setdefault(c, [])
     return tree
@@ -122,11 +126,25 @@ def train(
     seed: int = 0,
     validate: bool = True,
 ) -> dict[str, Any]:
-    """Fit ``heads`` on the labelled covers of the index; returns what heads.json records."""
+    """Fit ``heads`` on the labelled covers of the index; returns what heads.json records.
+
+    Holds the index's lock (:func:`~stylegen.index.store.exclusive`) from reading the vectors
+    to naming the new head set, as ``embed`` does: two runs never write one index at once.
+    """
     unknown = set(heads) - set(HEAD_NAMES)
     if unknown or not heads:
         raise StylegenError(f"heads must be among {', '.join(HEAD_NAMES)}, got {', '.join(heads)}")
-    index = Index.open(index_dir, use_gpu=False)
+    root = Path(index_dir)
+    Index.open(root, use_gpu=False)  # no index: its one-line error, before a lock file is made
+    with exclusive(root):
+        clean_temporary(head_sets(root).base)  # what a killed train was writing
+        return _train(Index.open(root, use_gpu=False), heads, labels, taxonomy, tabular, tabular_columns,
+                      seed, validate)
+
+
+def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path | None,
+           tabular: np.ndarray | None, tabular_columns: Sequence[str] | None, seed: int,
+           validate: bool) -> dict[str, Any]:
     rows, y = labelled_rows(index.metadata, labels)
     rows, y, dropped = drop_rare(rows, y, min_count=3)
     if len(rows) < 4:

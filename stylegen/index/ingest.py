@@ -36,7 +36,8 @@ from stylegen.index.build import (
 from stylegen.index.shards import RUN_COLUMNS, clean_partial, describe, list_shards, write_shard
 from stylegen.index.store import Index, exclusive
 from stylegen.sources import images
-from stylegen.util.persist import atomic_write_text
+from stylegen.util.persist import atomic_write, atomic_write_text
+from stylegen.util.tables import safe_frame
 
 ENGINES = ("local", "ray")
 
@@ -154,6 +155,7 @@ def embed(
     engine: str = "local",
     address: str | None = None,
     runtime: str = "auto",
+    weights: str | None = None,
 ) -> EmbedReport:
     """Embed every new image of ``source`` into the index at ``index_dir``: ingest, then build.
 
@@ -163,7 +165,9 @@ def embed(
     vectors and trained heads stay valid): :func:`stylegen.index.build.update_index`.
 
     ``config`` defaults to the existing index's settings (or the defaults for a new index);
-    settings that differ from an existing index are refused. ``precision="auto"`` on an
+    settings that differ from an existing index are refused. ``weights`` names the backbone
+    weights to add covers to an existing index made with other than the packaged ones
+    (:meth:`~stylegen.index.store.Index.query_config`: an index's own record is never loaded). ``precision="auto"`` on an
     existing index means the index's precision. ``workers`` decode processes and
     ``batch_size`` forward batch default by device (:func:`default_workers`,
     :func:`default_batch_size`). ``engine="ray"`` runs read/decode as Ray tasks and the
@@ -189,7 +193,8 @@ def embed(
         if len(todo) or unbuilt:
             if existing is not None and precision == "auto":
                 precision = existing.manifest.get("precision", "auto")
-            featurizer = load_featurizer(config, device, precision, channels_last, runtime)
+            load_config = existing.query_config(weights) if existing is not None else config
+            featurizer = load_featurizer(load_config, device, precision, channels_last, runtime)
             info = {**describe(config, featurizer.backbone, featurizer.precision),
                     "runtime": getattr(featurizer, "runtime", "torch")}
             _check_same_features(existing, info)
@@ -203,7 +208,7 @@ def embed(
             if engine == "ray":
                 from stylegen.index.ingest_ray import ingest_ray
 
-                report.bad += ingest_ray(run, index_dir, config, info, device=device, batch_size=batch_size,
+                report.bad += ingest_ray(run, index_dir, load_config, info, device=device, batch_size=batch_size,
                                          shard_size=checkpoint_every, max_pixels=max_pixels, address=address,
                                          runtime=runtime)
             else:
@@ -229,11 +234,12 @@ def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | Non
     ``image_size``, ``parts``, ``style_weight``, ``content_weight``, ``compression``, ``dim``,
     ``whiten``, ``flip``), None when not given. On an existing index the given ones replace the index's
     own, so any that differ are refused by name; a new index takes defaults for the rest.
+    On an existing index ``weights`` is not a setting but the file to load (see ``embed``).
     """
     import dataclasses
 
     manifest = current_manifest(index_dir)
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and not (k == "weights" and manifest is not None)}
     if manifest is not None and not given:
         return None
     base = EmbedConfig.from_dict(manifest["config"]) if manifest is not None else default_config()
@@ -343,4 +349,5 @@ def _write_report(index_dir: Path, report: EmbedReport) -> None:
     data = {k: v for k, v in report.__dict__.items() if k != "bad"}
     data["bad_files"] = len(report.bad)
     atomic_write_text(index_dir / "embed_report.json", json.dumps(data, indent=2))
-    pd.DataFrame(report.bad, columns=["image", "reason"]).to_csv(index_dir / "bad_files.csv", index=False)
+    bad = safe_frame(pd.DataFrame(report.bad, columns=["image", "reason"]))
+    atomic_write(index_dir / "bad_files.csv", lambda tmp: bad.to_csv(tmp, index=False))

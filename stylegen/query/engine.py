@@ -89,18 +89,23 @@ class _Item:
 
 @dataclass
 class Engine:
-    """An opened index plus, loaded on first use, its featurizer and the heads asked for."""
+    """An opened index plus, loaded on first use, its featurizer and the heads asked for.
+
+    ``weights``: the backbone weights file or tag to embed queries with, for an index made
+    with other than the packaged weights (:meth:`stylegen.index.store.Index.query_config`).
+    """
 
     index: Index
     device: str = "auto"
+    weights: str | None = None
     _featurizer: Any = field(default=None, repr=False)
     _heads: dict[str, Any] = field(default_factory=dict, repr=False)
     _head_config: dict[str, Any] | None = field(default=None, repr=False)
     _raw: Any = field(default=None, repr=False)  # RawFeatures of the index, made on first use
 
     @classmethod
-    def open(cls, index_dir: str | Path, device: str = "auto") -> Engine:
-        return cls(Index.open(index_dir), device=device)
+    def open(cls, index_dir: str | Path, device: str = "auto", weights: str | None = None) -> Engine:
+        return cls(Index.open(index_dir), device=device, weights=weights)
 
     # ---- the one query path ------------------------------------------------------------
     def query(self, item: QueryItem, *, top: int = 3, method: str | None = None, k: int = 0,
@@ -213,7 +218,7 @@ class Engine:
         if self._featurizer is None:
             from stylegen.featurize.runtime import load_featurizer
 
-            self._featurizer = load_featurizer(self.index.config, self.device,
+            self._featurizer = load_featurizer(self.index.query_config(self.weights), self.device,
                                                self.index.manifest.get("precision", "auto"))
             if self._featurizer.backbone.weights_id != self.index.manifest["backbone"]["weights_id"]:
                 raise IndexMismatchError("the installed backbone weights differ from the index's")
@@ -240,10 +245,13 @@ class Engine:
     def head(self, name: str) -> Any:
         """One trained head, loaded from disk the first time it is asked for."""
         if name not in self._heads:
-            from stylegen.heads import load_predictor
+            from stylegen.heads.io import head_file, load_predictor
 
-            path = Path(self.head_config["dir"]) / f"{name}.joblib"
-            if name not in self.head_config["heads"] or not path.is_file():
+            path = head_file(self.head_config["dir"], name) if name in self.head_config["heads"] else None
+            if path is None and (Path(self.head_config["dir"]) / f"{name}.joblib").is_file():
+                raise ModelNotFoundError(f"head {name!r} was saved by an older stylegen as a pickle, which "
+                                         "stylegen never opens (it could run code); run `stylegen train` again")
+            if path is None:
                 raise ModelNotFoundError(f"head {name!r} is not trained in {self.index.root} "
                                          f"(trained: {', '.join(self.head_config['heads'])})")
             self._heads[name] = load_predictor(path, expect_feature_id=self.index.feature_id)

@@ -29,6 +29,7 @@ from stylegen.errors import DataError
 
 TMP_PREFIX = ".stylegen-tmp-"
 CURRENT = "CURRENT"
+WRITTEN = ".stylegen-versions"  # the versions a VersionedFolder wrote, by name: all it may delete
 
 
 def fsync_dir(folder: Path) -> None:
@@ -147,17 +148,30 @@ class VersionedFolder:
         name = self.current_name()
         return None if name is None else self.base / name
 
+    def written(self) -> list[str]:
+        """The versions this folder's commits wrote and have not removed (``.stylegen-versions``)."""
+        path = self.base / WRITTEN
+        if not path.is_file():
+            return []
+        pat = self._pattern()
+        return [n for n in path.read_text(encoding="utf-8", errors="replace").split() if pat.fullmatch(n)]
+
     def commit(self, fill: Callable[[Path], Any]) -> Path:
         """Write a new version with ``fill(tmp_folder)``, make it current, then remove the
-        older versions (only folders named like this folder's versions)."""
+        older versions stylegen wrote: those recorded in ``.stylegen-versions`` and the one
+        ``CURRENT`` named. A folder that only looks like a version is never touched."""
         numbers = [int(n[len(self.prefix):]) for n in self.versions()]
         current = self.current_name()
         if current:
             numbers.append(int(current[len(self.prefix):]))
         name = f"{self.prefix}{max(numbers, default=0) + 1:06d}"
+        ours = [*self.written(), *([current] if current else [])]
         final = write_folder(self.base, name, fill)
+        atomic_write_text(self.base / WRITTEN, "\n".join(dict.fromkeys([*ours, name])) + "\n")
         atomic_write_text(self.base / CURRENT, name + "\n")
-        for old in self.versions():
-            if old != name:
-                shutil.rmtree(self.base / old, ignore_errors=True)
+        for old in dict.fromkeys(ours):
+            folder = self.base / old
+            if old != name and folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+        atomic_write_text(self.base / WRITTEN, name + "\n")
         return final
