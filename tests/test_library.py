@@ -239,6 +239,20 @@ def test_plan_honours_existing_genres_confidence_level_and_count():
     assert two[2].new == ("jazz", "pop")
 
 
+def test_scan_csv_cells_are_not_spreadsheet_formulas(tmp_path):
+    import csv
+
+    r = _result("=HYPERLINK(\"http://x\",\"click\")", [("@pop", 0.7), ("-1", 0.2)], [()])
+    r.album = audioart.Album(r.album.key, Path("=x/+a"), "-2+3", "=cmd", r.album.tracks, ("=evil",),
+                             r.album.track_genres, None, None)
+    library.write_csv(library.ScanReport("/m", "knn", [r], []), tmp_path / "s.csv")
+    with open(tmp_path / "s.csv", encoding="utf-8", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["album"] == "'=HYPERLINK(\"http://x\",\"click\")" and row["artist"] == "'-2+3"
+    assert (row["title"], row["folder"], row["current_genres"]) == ("'=cmd", "'=x/+a", "'=evil")
+    assert (row["genre1"], row["probability1"], row["genre2"], row["probability2"]) == ("'@pop", "0.7", "-1", "0.2")
+
+
 # ---- with the real engine on a tiny index ------------------------------------------------------
 def build_library(root: Path, covers: list[bytes]) -> dict[str, Path]:
     """One album per format with embedded art, one with a folder cover, one without art,
@@ -306,6 +320,9 @@ def test_tag_dry_run_write_failures_and_undo(music, index, tmp_path):
     cut = albums["None – Art"].parent / "zz cut.flac"
     cut.write_bytes(min(albums["Folder – Art"].parent.glob("*.flac")).read_bytes()[:300])
     log = tmp_path / "undo.csv"
+    old_mtime = 1_500_000_000_000_000_000
+    for p in files:
+        os.utime(p, ns=(old_mtime, old_mtime))
     run = cli("library", "tag", str(root), "--index", str(index), "--write", "--log", str(log), "--no-progress")
     assert run.returncode == 0, run.stderr
     assert f"{ro}: read-only" in run.stderr and f"{cut.name}" in run.stderr
@@ -316,12 +333,18 @@ def test_tag_dry_run_write_failures_and_undo(music, index, tmp_path):
     assert written == expected
     for p in map(Path, written):
         assert native_genre(p) and native_genre(p)[0] in ("jazz", "metal", "pop")
+        assert p.stat().st_mtime_ns == old_mtime  # players sort by it: kept unless --touch
     assert native_genre(first) == ["Rock"] and native_genre(ro) is None
 
     undo = cli("library", "undo", str(log))
     assert undo.returncode == 0, undo.stderr
     for p in files:
         assert native_genre(p) == (["Rock"] if p.parent == first.parent else None)
+
+    touch = cli("library", "tag", str(root), "--index", str(index), "--write", "--touch", "--log",
+                str(tmp_path / "undo2.csv"), "--no-progress")
+    assert touch.returncode == 0, touch.stderr
+    assert all(p.stat().st_mtime_ns > old_mtime for p in map(Path, written))
 
 
 def test_embed_a_music_folder_indexes_one_vector_per_album(music, index, tmp_path):

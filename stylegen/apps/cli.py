@@ -314,6 +314,8 @@ def library_tag(
     level: Annotated[str, typer.Option(help="class (the heads' genres) | top (top-level genres of the taxonomy)")] = "class",
     count: Annotated[int, typer.Option(min=1, help="Write up to this many genres (each above --min-confidence).")] = 1,
     log: Annotated[Path | None, typer.Option(help="Undo log (default: DIRECTORY/stylegen-undo-TIME.csv).")] = None,
+    touch: Annotated[bool, typer.Option("--touch", help="Give tagged files the current modification time "
+                                        "(default: keep it; owner, group and mode are always kept).")] = False,
     method: Method = None,
     device: Device = "auto",
     progress: ShowProgress = True,
@@ -330,7 +332,7 @@ def library_tag(
         return
     log = log or library.default_log(directory)
     with embed_progress(sum(p.action == "write" for p in plans), progress, "writing tags", "files") as advance:
-        done = library.apply(plans, log, advance)
+        done = library.apply(plans, log, advance, keep_times=not touch)
     for f in done.failed + report.bad_files:
         typer.echo(f"not tagged: {f['path']}: {f['reason']}", err=True)
     typer.echo(f"{done.summary()}; undo with: stylegen library undo {log}")

@@ -26,6 +26,7 @@ from typing import Any
 from stylegen.apps.musiclib import tagging
 from stylegen.errors import StylegenError
 from stylegen.sources import audioart
+from stylegen.util.tables import safe_row
 
 LEVELS = ("class", "top")
 QUERY_CHUNK = 32  # albums per query_many call (bounds the decoded pixels held at once)
@@ -133,6 +134,7 @@ class TagPlan:
     confidence: float
     action: str  # write | leave
     reason: str = ""
+    root: str | None = None  # the scanned tree: a write never follows a link out of it
 
 
 def suggestion(result: AlbumResult, *, level: str = "class", count: int = 1,
@@ -155,7 +157,8 @@ def plan_tags(report: ScanReport, *, level: str = "class", count: int = 1, min_c
     """Per file: the genre that would be written, or why the file is left alone.
 
     Files that already have a genre are left alone unless ``overwrite``; albums whose top
-    suggestion is below ``min_confidence`` or that have no usable art are left alone.
+    suggestion is below ``min_confidence`` or that have no usable art are left alone, and so
+    are symbolic links to files outside the scanned tree.
     """
     plans = []
     for r in report.albums:
@@ -163,8 +166,9 @@ def plan_tags(report: ScanReport, *, level: str = "class", count: int = 1, min_c
         for t, old in zip(r.album.tracks, r.album.track_genres, strict=True):
             why = (r.error or ("" if new else f"confidence {conf:.2f} below {min_confidence:.2f}")
                    or ("has a genre (use --overwrite)" if old and not overwrite else "")
-                   or ("already tagged so" if old == new else ""))
-            plans.append(TagPlan(str(t), r.album.key, old, new, conf, "leave" if why else "write", why))
+                   or ("already tagged so" if old == new else "")
+                   or tagging.link_outside(t, report.root) or "")
+            plans.append(TagPlan(str(t), r.album.key, old, new, conf, "leave" if why else "write", why, report.root))
     return plans
 
 
@@ -174,21 +178,30 @@ class TagReport:
     left: list[TagPlan] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     log: str | None = None
+    removed: list[str] = field(default_factory=list)  # temporary copies left by a killed run
 
     def summary(self) -> str:
-        return f"tagged {len(self.written)} files, left {len(self.left)} alone, {len(self.failed)} failed"
+        return (f"tagged {len(self.written)} files, left {len(self.left)} alone, {len(self.failed)} failed"
+                + tagging.leftovers_note(self.removed))
 
 
-def apply(plans: Sequence[TagPlan], log: str | Path, progress: Progress = _no_progress) -> TagReport:
+def apply(plans: Sequence[TagPlan], log: str | Path, progress: Progress = _no_progress, *,
+          keep_times: bool = True) -> TagReport:
     """Write every ``write`` plan through a verified temporary copy; a failure is recorded
-    and the run goes on. Each change is appended to the undo ``log`` as it happens."""
-    report = TagReport(log=str(log))
+    and the run goes on. Each change is appended to the undo ``log`` as it happens.
+
+    First the temporary copies that a killed earlier run left next to the planned files are
+    deleted. A file whose genre changed since the scan, or that now resolves outside the
+    scanned tree, is reported as failed and left alone. ``keep_times``: tagged files keep
+    their modification times (owner, group and mode are always kept)."""
+    report = TagReport(log=str(log), removed=[str(q) for q in tagging.remove_leftovers(p.path for p in plans)])
     for p in plans:
         if p.action != "write":
             report.left.append(p)
             continue
         try:
-            report.written.append(tagging.write_genre(p.path, list(p.new), log=log))
+            report.written.append(tagging.write_genre(p.path, list(p.new), log=log, root=p.root, expect=p.old,
+                                                      keep_times=keep_times))
         except tagging.TagWriteError as exc:
             report.failed.append({"path": p.path, "reason": str(exc)})
         progress(1)
@@ -228,7 +241,8 @@ def format_plan(plans: Sequence[TagPlan], bad_files: Sequence[dict[str, str]] = 
 
 
 def write_csv(report: ScanReport, out: str | Path) -> None:
-    """One row per album: key, art, current genres, top-3 suggestions."""
+    """One row per album: key, art, current genres, top-3 suggestions (text that a
+    spreadsheet would run as a formula gets a leading apostrophe)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as fh:
@@ -238,8 +252,9 @@ def write_csv(report: ScanReport, out: str | Path) -> None:
         for r in report.albums:
             a = r.album
             top = [v for g in r.genres[:3] for v in (g["genre"], g["probability"])]
-            w.writerow([a.key, a.artist or "", a.album or "", a.folder, len(a.tracks), a.art or "",
-                        a.art_source or "", "|".join(a.genres), *(top + [""] * (6 - len(top))), r.error or ""])
+            w.writerow(safe_row([a.key, a.artist or "", a.album or "", str(a.folder), len(a.tracks),
+                                 str(a.art or ""), a.art_source or "", "|".join(a.genres),
+                                 *(top + [""] * (6 - len(top))), r.error or ""]))
 
 
 def write_html(report: ScanReport, out: str | Path) -> None:
