@@ -299,7 +299,11 @@ def test_scan_finds_all_art_and_predicts_like_classify(music, index, tmp_path):
     assert cls.returncode == 0, cls.stderr
     expect = json.loads(cls.stdout)["results"]
     for key, want in zip(judged, expect, strict=True):
-        assert got[key]["genres"] == want["genres"], key
+        # the same images through the same query path; the exported graph may round the last
+        # float bit differently for another batch on some CPUs (AVX2-only EPYC): 1e-5, not 0
+        assert [(g["genre"], g["path"]) for g in got[key]["genres"]] == [(g["genre"], g["path"]) for g in want["genres"]], key
+        np.testing.assert_allclose([g["probability"] for g in got[key]["genres"]],
+                                   [g["probability"] for g in want["genres"]], atol=1e-5, err_msg=key)
         assert len(got[key]["genres"]) == 3
     table = pd.read_csv(tmp_path / "s.csv")
     assert len(table) == len(albums) and set(table["genre1"].dropna()) <= {"jazz", "metal", "pop"}
