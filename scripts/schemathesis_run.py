@@ -5,8 +5,11 @@ Builds a tiny index of generated covers (4 genres x 4, fp32, 8 + 8 PCA dims) wit
 kNN and ensemble heads in a temporary folder (or uses ``--index``), serves it with uvicorn
 on a free loopback port (the real ``Engine`` behind ``stylegen.apps.service.create_app``) and
 runs ``st run http://127.0.0.1:PORT/openapi.json --checks all`` with a bounded number of
-examples per operation. Prints the number of requests, the failures per check and the
-command; exits non-zero when schemathesis reports a failure.
+examples per operation. The server asks for a token, as ``stylegen serve --token`` does, and
+schemathesis sends it (its ``ignored_auth`` check then tries each operation without it); the
+rate limit is off, so that no request of the run is answered 429. Prints the number of
+requests, the failures per check and the command; exits non-zero when schemathesis reports a
+failure.
 
     pip install schemathesis            # or: pip install -e '.[conformance]'
     python scripts/schemathesis_run.py --max-examples 20 --max-time 300   # ~2,400 requests
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -78,8 +82,9 @@ def build_index(root: Path, per_genre: int = 4) -> Path:
     return root / "idx"
 
 
-def start_server(index: Path) -> tuple[str, object, threading.Thread]:
-    """The real engine behind the app, uvicorn in a thread on a free loopback port."""
+def start_server(index: Path, token: str) -> tuple[str, object, threading.Thread]:
+    """The real engine behind the app (asking for ``token``, no rate limit), uvicorn in a
+    thread on a free loopback port."""
     import uvicorn
 
     from stylegen.apps.service import create_app
@@ -89,7 +94,8 @@ def start_server(index: Path) -> tuple[str, object, threading.Thread]:
     engine.featurizer  # noqa: B018  (load the model before the first request)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(engine), log_level="error", lifespan="off", access_log=False)
+    app = create_app(engine, token=token, rate_limit=None)
+    config = uvicorn.Config(app, log_level="error", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         index = args.index or build_index(tmp_path)
         print(f"index {index} ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        url, server, thread = start_server(index)
+        token = secrets.token_urlsafe(16)
+        url, server, thread = start_server(index, token)
         report_dir = args.report_dir or tmp_path / "report"
         command = [st]
         if args.also_accept:
@@ -154,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--max-examples", str(args.max_examples), "--max-time", str(args.max_time),
                    "--seed", str(args.seed), "--workers", str(args.workers), "--no-color",
                    "--generation-database", "none", "--report", "ndjson",
-                   "--report-dir", str(report_dir), *args.st_args]
-        print("$ " + " ".join(command), flush=True)
+                   "--report-dir", str(report_dir), "--header", f"Authorization: Bearer {token}",
+                   *args.st_args]
+        print("$ " + " ".join(command).replace(token, "TOKEN"), flush=True)
         try:
             t0 = time.perf_counter()
             run = subprocess.run(command, check=False, cwd=tmp_path)  # its .schemathesis/ cache stays there

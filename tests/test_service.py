@@ -39,6 +39,8 @@ GENRES = ("metal", "jazz", "pop", "electronic")
 COLOURS = {"metal": (25, 20, 22), "jazz": (40, 70, 160), "pop": (235, 95, 170), "electronic": (40, 210, 190)}
 N_COVERS = 16
 MIB = 1024 * 1024
+LOCAL = "http://127.0.0.1"  # a Host the service accepts (TestClient's default, testserver, is refused)
+JPEG_MAGIC = b"\xff\xd8\xff\xe0"  # enough for the format check; the fake engines decode nothing
 
 
 # --------------------------------------------------------------------------- the index
@@ -96,14 +98,14 @@ def engine(index_dir: Path) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine: Engine):
-    with TestClient(create_app(engine)) as c:
+    with TestClient(create_app(engine, rate_limit=None), base_url=LOCAL) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def small_client(engine: Engine):
     """An upload limit small enough to hit with test images: 10 kB."""
-    with TestClient(create_app(engine, max_upload_bytes=10_000)) as c:
+    with TestClient(create_app(engine, max_upload_bytes=10_000, rate_limit=None), base_url=LOCAL) as c:
         yield c
 
 
@@ -298,7 +300,8 @@ def test_cover_thumbnail(client: TestClient) -> None:
 
 
 def test_openapi_declares_bodies_and_errors(client: TestClient) -> None:
-    assert client.get("/docs").status_code == 200
+    assert_error(client.get("/docs"), 404)  # Swagger UI and ReDoc load a CDN: off (offline page)
+    assert_error(client.get("/redoc"), 404)
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/similar", "/covers/{cover_id}", "/api/info", "/healthz"} <= set(paths)
     fields = {"/classify": {"top", "method", "explain"}, "/similar": {"k", "by"}}
@@ -343,7 +346,7 @@ def test_image_part_without_filename_is_read_like_a_file(client: TestClient) -> 
     assert as_text.json()["genres"] == as_file["genres"]
     assert as_text.json()["query"]["bytes"] == len(data)
     body, headers = multipart([("image", "no cover, but UTF-8 text: ü €".encode())])
-    assert "not a readable image" in assert_error(client.post("/similar", content=body, headers=headers), 415)
+    assert service.UPLOAD_FORMATS in assert_error(client.post("/similar", content=body, headers=headers), 415)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
@@ -421,7 +424,7 @@ def test_neither_or_both_queries(client: TestClient, engine: Engine, decodes: li
 def test_non_image_upload(client: TestClient) -> None:
     for endpoint in ("/classify", "/similar"):
         response = client.post(endpoint, files=upload(b"hello, I am not a cover\n" * 20, "x.txt", "text/plain"))
-        assert "not a readable image" in assert_error(response, 415)
+        assert service.UPLOAD_FORMATS in assert_error(response, 415)
         assert_alive(client)
     assert "empty" in assert_error(client.post("/classify", files=upload(b"")), 400)
 
@@ -632,12 +635,12 @@ class SlowEngine:
 
 def test_engine_calls_are_serialised() -> None:
     engine = SlowEngine(delay=0.03)
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine, rate_limit=None), base_url=LOCAL) as client:
         def one(i: int) -> int:
             if i % 3 == 0:
                 return client.post("/similar", data={"id": str(i)}).status_code
             if i % 3 == 1:
-                return client.post("/classify", files=upload(b"bytes")).status_code
+                return client.post("/classify", files=upload(JPEG_MAGIC + b"bytes")).status_code
             return client.get(f"/covers/{i}").status_code
 
         with ThreadPoolExecutor(8) as pool:
@@ -663,10 +666,10 @@ class BrokenEngine:
 
 
 def test_misconfigured_server_answers_500_and_keeps_serving() -> None:
-    with TestClient(create_app(BrokenEngine())) as client:
+    with TestClient(create_app(BrokenEngine()), base_url=LOCAL) as client:
         message = assert_error(client.post("/classify", data={"id": "0"}), 500)
         assert "stylegen train" in message
-        assert_error(client.post("/similar", files=upload(b"x")), 500)
+        assert_error(client.post("/similar", files=upload(JPEG_MAGIC)), 500)
         assert_error(client.get("/covers/0"), 500)
         assert_alive(client)
 
@@ -692,7 +695,8 @@ def test_http_status_for() -> None:
 def test_serve_command_passes_host_port_and_upload_limit_to_uvicorn(monkeypatch: pytest.MonkeyPatch,
                                                                     index_dir: Path) -> None:
     """``stylegen serve``: the host and port given reach uvicorn, the app it gets serves this
-    index with the upload limit asked for."""
+    index with the upload limit asked for (and, bound beyond loopback, the token from the
+    environment, which is not printed)."""
     from typer.testing import CliRunner
 
     from stylegen.apps.cli import app
@@ -700,11 +704,12 @@ def test_serve_command_passes_host_port_and_upload_limit_to_uvicorn(monkeypatch:
     seen: dict = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(kw, app=app))
     result = CliRunner().invoke(app, ["serve", "--index", str(index_dir), "--host", "0.0.0.0",
-                                      "--port", "8765", "--max-upload-mb", "0.5", "--device", "cpu"])
+                                      "--port", "8765", "--max-upload-mb", "0.5", "--device", "cpu"],
+                                env={"STYLEGEN_TOKEN": "env-token-123"})
     assert result.exit_code == 0, result.output
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 8765)
-    assert "http://0.0.0.0:8765" in result.output
-    with TestClient(seen["app"]) as client:
+    assert "http://0.0.0.0:8765" in result.output and "env-token-123" not in result.output
+    with TestClient(seen["app"], headers={"Authorization": "Bearer env-token-123"}) as client:
         info = client.get("/api/info").json()
         assert info["limits"]["max_upload_bytes"] == MIB // 2 and info["count"] == N_COVERS
         assert client.post("/classify", data={"id": "3"}).json()["genres"][0]["genre"] == GENRES[3]

@@ -261,15 +261,29 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 20.0,
     device: Device = "auto",
+    token: Annotated[str | None, typer.Option(
+        envvar="STYLEGEN_TOKEN", show_envvar=True,
+        help="Ask every request (but /healthz) for this token; required beyond loopback. "
+             "Prefer the environment variable (a flag shows in `ps`).")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", help="Accept this Host name too (repeatable; '*': any). Loopback names always are.")] = None,
+    rate_limit: Annotated[str, typer.Option(
+        help="Per client: classify/similar requests and failed logins, N/min (or N/s, N/h); 0: off.")] = "120/min",
 ) -> None:
     """Serve the web page and the JSON API (classify, similar, thumbnails)."""
+    from stylegen.apps.service import RateLimiter, hosts_for_bind
     from stylegen.apps.service import serve as run_serve
     from stylegen.query.engine import Engine
 
+    hosts_for_bind(host, token, allow_host or ())  # refuse before the model loads
+    RateLimiter.parse(rate_limit)
     engine = Engine.open(index, device=device)
     engine.featurizer  # load the model once, before the first request  # noqa: B018
-    typer.echo(f"serving {index} ({len(engine.index)} covers) on http://{host}:{port}  (docs: /docs)")
-    run_serve(engine, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    login = "  (token required: open /?token=TOKEN once, or send 'Authorization: Bearer TOKEN')" if token else ""
+    typer.echo(f"serving {index} ({len(engine.index)} covers) on http://{host}:{port}  (API schema: /openapi.json)"
+               + login)
+    run_serve(engine, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+              token=token, allow_hosts=allow_host or (), rate_limit=rate_limit)
 
 
 library_app = typer.Typer(no_args_is_help=True, help="Genres for a music library: scan album art, tag, undo.")

@@ -9,26 +9,43 @@ level: every app owns its engine, its limits, its static files and its lock.
 Thread safety and memory: FastAPI runs the (synchronous) endpoints in its thread pool. An
 upload's bytes are read (at most ``max_upload_bytes``) outside the lock; decoding, embedding
 and search all happen inside ``Engine.query`` under one ``threading.Lock`` owned by the app,
-so at most one image is decoded at a time (a decoded image at the pixel limit is ~120 MB).
+and thumbnails are decoded under the same lock, so at most one image is decoded at a time (a
+decoded image at the pixel limit is ~120 MB). Uploads must be JPEG, PNG, WebP, GIF or BMP by
+their first bytes; nothing else reaches a decoder.
 
-Bad input is answered with a 4xx and ``{"error": "one-line message"}``; the server keeps serving.
+Access (like Jupyter's): requests whose Host is not a loopback name or an allowed name are
+refused (DNS rebinding); with a token every route but ``/healthz`` asks for it (``Authorization:
+Bearer``, or ``?token=`` once in the browser, then an HttpOnly SameSite=Strict cookie); the query
+routes and failed logins are rate-limited per client address. :func:`hosts_for_bind` refuses to
+expose the service beyond loopback without a token.
+
+Bad input is answered with a 4xx and ``{"error": "one-line message"}`` (server paths left out);
+the server keeps serving.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import io
+import ipaddress
 import json
+import math
 import mimetypes
 import pathlib
+import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from http.cookies import SimpleCookie
 from importlib import resources
 from typing import IO, Annotated, Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +57,7 @@ from stylegen.errors import (
     ModelNotFoundError,
     StylegenError,
     UnknownCoverError,
+    UnsupportedImageError,
 )
 from stylegen.query.options import BY, DEFAULT_K, DEFAULT_TOP, MAX_K, MAX_TOP, METHODS, By, Method
 from stylegen.sources.images import DEFAULT_MAX_PIXELS, open_image, pixel_limit
@@ -52,6 +70,18 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host names always accepted (any port)
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+DEFAULT_RATE_LIMIT = "120/min"  # per client, for POST /classify and /similar (and failed logins)
+PUBLIC_PATHS = frozenset({"/healthz"})  # answered without the token
+LIMITED_PATHS = frozenset({"/classify", "/similar"})  # they decode, embed and search
+TOKEN_COOKIE = "stylegen_token"
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token: safe in a header and a cookie
+UPLOAD_FORMATS = "JPEG, PNG, WebP, GIF or BMP"
+# an absolute path (POSIX, ~/..., C:\...), not a URL or a media type like image/jpeg; in quotes
+# it may hold spaces
+ABSOLUTE_PATH = re.compile(r"""(?<=(?P<q>['"]))(?:~|[A-Za-z]:)?[/\\][^'"\n]*(?=(?P=q))"""
+                           r"""|(?<![\w.~:/\\-])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'"`]+)+[/\\]?""")
 
 T = TypeVar("T")
 
@@ -99,6 +129,24 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split()) or "error"
 
 
+def redact_paths(message: str, private: Iterable[str] = ()) -> str:
+    """``message`` without server paths: each ``private`` path (the index folder) becomes "the
+    index", any other absolute path its last part (``/srv/covers/a.jpg: truncated`` ->
+    ``a.jpg: truncated``)."""
+    for path in sorted((p for p in private if "/" in p or "\\" in p), key=len, reverse=True):
+        message = message.replace(path, "the index")
+    return ABSOLUTE_PATH.sub(lambda m: re.split(r"[/\\]", m.group().rstrip("/\\"))[-1], message)
+
+
+def private_paths(engine: Any) -> tuple[str, ...]:
+    """The engine's index folder as given and resolved (left out of error messages), if known."""
+    root = getattr(getattr(engine, "index", None), "root", None)
+    if root is None:
+        return ()
+    root = pathlib.Path(root)
+    return str(root), str(root.resolve())
+
+
 def validation_message(errors: list[dict[str, Any]]) -> str:
     """One line from FastAPI's validation errors: ``by: Input should be 'style', ...``."""
     parts = []
@@ -122,6 +170,25 @@ def thumbnail_jpeg(path: pathlib.Path, max_side: int = THUMBNAIL_SIDE) -> bytes:
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=85, optimize=True)
     return buffer.getvalue()
+
+
+def image_format(data: bytes) -> str | None:
+    """The upload's format from its first bytes (JPEG, PNG, WEBP, GIF, BMP), else None.
+
+    Only these reach a decoder: Pillow would otherwise try every format it knows (TIFF, PPM,
+    EPS handed to Ghostscript, ...) on whatever is uploaded.
+    """
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
 
 
 def read_limited(file: IO[bytes], max_bytes: int) -> bytes:
@@ -187,7 +254,226 @@ def load_static(package: str = "stylegen", folder: str = "static") -> dict[str, 
     return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
 
 
-# --------------------------------------------------------------------------- app
+# --------------------------------------------------------------------------- access
+
+
+def host_name(value: str) -> str:
+    """A Host header's name without its port, lower case: ``[::1]:8000`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[1:end] if end > 0 else ""
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    name = host_name(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(token: str | None) -> str | None:
+    """The token, or None for none; a clear error for one that cannot travel in a header."""
+    if token is None:
+        return None
+    if not TOKEN_CHARS.fullmatch(token):
+        raise StylegenError("the token must be non-empty and use only letters, digits and - . _ ~ + / = "
+                            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    return token
+
+
+def hosts_for_bind(bind: str, token: str | None, allow_hosts: Iterable[str] = ()) -> tuple[str, ...]:
+    """The Host names (beyond loopback) to accept when serving on ``bind``.
+
+    Beyond loopback a token is required (else the one-line refusal). Then the bound name or
+    address is accepted as well as ``allow_hosts``; binding every interface (``0.0.0.0``,
+    ``::``) with no ``allow_hosts`` accepts any Host ("*"), as Jupyter does for remote
+    access: the token, not the Host name, guards it, and a page that rebinds a name gets no
+    token (the cookie belongs to the name the user opened).
+    """
+    token = check_token(token)
+    hosts = tuple(allow_hosts)
+    allowed_host_names(hosts)  # a clear error for a bad name, before anything starts
+    if is_loopback(bind):
+        return hosts
+    if token is None:
+        raise StylegenError(f"refusing to serve on {bind or '0.0.0.0'} without a token: anyone who can reach it could "
+                            "read every cover; give --token TOKEN (or set STYLEGEN_TOKEN), or bind 127.0.0.1")
+    if bind in WILDCARD_BINDS:
+        return hosts or ("*",)
+    return (bind, *hosts)
+
+
+def allowed_host_names(hosts: Iterable[str]) -> frozenset[str]:
+    """Loopback names plus ``hosts`` (any port; "*": any name), checked and normalised."""
+    names = set(LOOPBACK_HOSTS)
+    for host in hosts:
+        name = "*" if host.strip() == "*" else host_name(host)
+        if name != "*" and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*)|[0-9a-f:.]+", name):
+            raise StylegenError(f"not a host name: {host!r} (give a name or an address, e.g. --allow-host example.org)")
+        names.add(name)
+    return frozenset(names)
+
+
+class RateLimiter:
+    """A token bucket per client: ``count`` requests per ``seconds``, in bursts of up to ``count``.
+
+    Used from the event loop only (by :class:`GuardMiddleware`), so it needs no lock. Clients
+    whose bucket has refilled are forgotten once more than ``max_clients`` are remembered.
+    """
+
+    def __init__(self, count: float, seconds: float, clock: Callable[[], float] = time.monotonic,
+                 max_clients: int = 10_000) -> None:
+        self.capacity = count
+        self.rate = count / seconds  # tokens a second
+        self.clock = clock
+        self.max_clients = max_clients
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+
+    @classmethod
+    def parse(cls, text: str | None) -> RateLimiter | None:
+        """``120/min`` (also ``N/s``, ``N/h``); None for ``0``, ``off`` or None (no limit)."""
+        if text is None or text.strip().lower() in ("0", "off", "none"):
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text, re.IGNORECASE)
+        if not match or int(match[1]) < 1:
+            raise StylegenError(f"rate limit {text!r} is not N/min (or N/s, N/h) with N >= 1, or off")
+        return cls(int(match[1]), {"s": 1.0, "m": 60.0, "h": 3600.0}[match[2][0].lower()])
+
+    def take(self, client: str) -> float:
+        """0.0 when ``client`` may go ahead (a token is taken), else the seconds until it may."""
+        now = self.clock()
+        tokens, then = self.buckets.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        allowed = tokens >= 1
+        self.buckets[client] = (tokens - 1 if allowed else tokens, now)
+        if len(self.buckets) > self.max_clients:
+            self._forget_full(now)
+        return 0.0 if allowed else (1 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        self.buckets = {client: (tokens, then) for client, (tokens, then) in self.buckets.items()
+                        if tokens + (now - then) * self.rate < self.capacity}
+
+
+def presented_tokens(scope: Scope, headers: Headers) -> list[str]:
+    """What the request offers as the token: ``Authorization: Bearer``, the cookie, ``?token=``."""
+    offered = []
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(value.strip())
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get("cookie", ""))
+    except Exception:  # a malformed Cookie header offers nothing
+        cookie.clear()
+    if TOKEN_COOKIE in cookie:
+        offered.append(cookie[TOKEN_COOKIE].value)
+    return offered + query_tokens(scope)
+
+
+def query_tokens(scope: Scope) -> list[str]:
+    return [v for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1")) if k == "token"]
+
+
+def token_matches(offered: str, token: str) -> bool:
+    """Constant-time comparison (of UTF-8 bytes: ``compare_digest`` refuses non-ASCII text)."""
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+def drop_query_token(scope: Scope) -> bool:
+    """Remove ``token=`` from the request's query string in place, so that neither the routes
+    nor uvicorn's access log (which reads the same scope) see it; True if there was one."""
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if k != "token"]
+    if len(kept) == len(pairs):
+        return False
+    scope["query_string"] = urlencode(kept).encode("latin-1")
+    return True
+
+
+def token_cookie(token: str, scope: Scope) -> bytes:
+    secure = "; Secure" if scope.get("scheme") == "https" else ""
+    return f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}".encode("latin-1")
+
+
+def with_header(send: Send, name: bytes, value: bytes) -> Send:
+    """``send`` that adds one header to the response."""
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return send_with_header
+
+
+class GuardMiddleware:
+    """Host check, then the token, then the rate limit, before any route reads the body.
+
+    The rate limit counts the query routes and every request that fails the token, per
+    client address (uvicorn's, so behind a local proxy the forwarded one). A valid
+    ``?token=`` on a GET (the page opened from the link ``stylegen serve`` prints) sets
+    the token cookie, so the page's own requests and thumbnails carry it from then on.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str], token: str | None,
+                 limiter: RateLimiter | None) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.token = token
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        token = self.token
+        in_url = token is not None and any([token_matches(t, token) for t in query_tokens(scope)])
+        if drop_query_token(scope) and token is not None and in_url and scope["method"] == "GET":
+            send = with_header(send, b"set-cookie", token_cookie(token, scope))
+        await self.app(scope, receive, send)
+
+    def host_allowed(self, headers: Headers) -> bool:
+        return "*" in self.hosts or host_name(headers.get("host", "")) in self.hosts
+
+    def authorized(self, scope: Scope, headers: Headers) -> bool:
+        if self.token is None or scope["path"] in PUBLIC_PATHS:
+            return True
+        return any([token_matches(t, self.token) for t in presented_tokens(scope, headers)])
+
+    def refusal(self, scope: Scope, headers: Headers) -> Response | None:
+        """The error response for a request that may not go on, or None."""
+        if not self.host_allowed(headers):
+            name = " ".join(headers.get("host", "").split())[:100] or "(none)"
+            return error_response(400, f"host not allowed: {name} (stylegen serve --allow-host NAME accepts a name)")
+        authorized = self.authorized(scope, headers)
+        if self.limiter is not None and (scope["path"] in LIMITED_PATHS or not authorized):
+            client = scope.get("client")
+            wait = self.limiter.take(client[0] if client else "unknown")
+            if wait > 0:
+                seconds = max(1, math.ceil(wait))
+                response = error_response(429, f"too many requests: try again in {seconds} s")
+                response.headers["Retry-After"] = str(seconds)
+                return response
+        if not authorized:
+            response = error_response(401, "a token is required: send 'Authorization: Bearer TOKEN', "
+                                           "or open the page once as /?token=TOKEN")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="stylegen"'
+            return response
+        return None
+
 
 
 def content_length(scope: Scope) -> int | None:
@@ -244,13 +530,14 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "malformed request (both an image and an id)", 404: "unknown cover id",
-            413: "upload or image too large", 415: "not an image", 422: "invalid or missing field",
-            500: "server misconfigured (index or heads missing)"}
+            413: "upload or image too large", 415: f"not a {UPLOAD_FORMATS} image",
+            422: "invalid or missing field", 500: "server misconfigured (index or heads missing)",
+            401: "the token is missing or wrong", 429: "too many requests (see Retry-After)"}
     return {c: {"description": text[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for c in codes}
 
 
-IMAGE_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif"
+IMAGE_MEDIA_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp"
 
 
 def _query_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -261,7 +548,7 @@ def _query_body(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
     in ``encoding``, so generated requests (schemathesis) send images, not arbitrary bytes.
     """
     properties = {
-        "image": {"type": "string", "format": "binary", "description": "a cover image (JPEG, PNG, WebP...)"},
+        "image": {"type": "string", "format": "binary", "description": f"a cover image ({UPLOAD_FORMATS})"},
         "id": {"type": "integer", "minimum": 0, "description": "a cover id in the index"},
         **fields,
     }
@@ -300,12 +587,13 @@ SIMILAR_FIELDS = {"k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "defa
 
 IdForm = Annotated[int | None, Form(alias="id", ge=0, description="cover id in the index")]
 # an image part without a filename arrives as text (RFC 7578 makes the filename optional)
-ImageFile = Annotated[UploadFile | str | None, File(description="a cover image (JPEG, PNG, WebP...)")]
+ImageFile = Annotated[UploadFile | str | None, File(description=f"a cover image ({UPLOAD_FORMATS})")]
 
 
 class _Service:
-    """What the routes share: the engine, the lock that serialises its calls, the upload
-    limit, a thumbnail cache and the maps laid out so far."""
+    """What the routes share: the engine, the lock that serialises its calls and every image
+    decode (the one decode limiter), the upload limit, a thumbnail cache, the maps laid out
+    so far and the paths error messages leave out."""
 
     def __init__(self, engine: Engine, max_upload_bytes: int) -> None:
         self.engine = engine
@@ -313,14 +601,18 @@ class _Service:
         self.lock = threading.Lock()
         self.maps: dict[str, dict] = {}  # by -> the map's data, laid out once per app
         self.thumbnail = functools.lru_cache(maxsize=512)(self._thumbnail)
+        self.private = private_paths(engine)
 
     def locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.lock:
             return fn(*args, **kwargs)
 
-    @staticmethod
-    def _thumbnail(path: str) -> bytes:
-        return thumbnail_jpeg(pathlib.Path(path), THUMBNAIL_SIDE)
+    def _thumbnail(self, path: str) -> bytes:
+        return self.locked(thumbnail_jpeg, pathlib.Path(path), THUMBNAIL_SIDE)
+
+    def public_message(self, exc: Exception) -> str:
+        """The error's message without server paths."""
+        return redact_paths(one_line(exc), self.private)
 
     def too_large(self) -> str:
         return f"upload is larger than the limit of {self.max_upload_bytes:,} bytes"
@@ -335,6 +627,8 @@ class _Service:
             data, filename = read_limited(image.file, self.max_upload_bytes), image.filename or ""
         if not data:
             raise BadImageError("the upload is empty")
+        if image_format(data) is None:
+            raise UnsupportedImageError(f"not an image stylegen accepts: uploads must be {UPLOAD_FORMATS}")
         return data, filename
 
     def query(self, image: UploadFile | str | None, cover_id: int | None, **options: Any) -> tuple[dict, Any]:
@@ -360,29 +654,44 @@ def create_app(
     engine: Engine,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    token: str | None = None,
+    allowed_hosts: Iterable[str] = (),
+    rate_limit: str | None = DEFAULT_RATE_LIMIT,
 ) -> FastAPI:
     """The stylegen HTTP app around ``engine``.
 
     Uploads are limited to ``max_upload_bytes`` (the request body is cut off while it is
-    received, and at most ``max_upload_bytes + 1`` bytes of the file are read) and to the
-    pixel limit of :mod:`stylegen.sources.images` (checked from the header before decoding, the
-    same limit as for the collection). Engine calls are serialised by a lock owned by this
-    app (see the module docstring).
+    received, and at most ``max_upload_bytes + 1`` bytes of the file are read), to JPEG, PNG,
+    WebP, GIF and BMP (by their first bytes) and to the pixel limit of
+    :mod:`stylegen.sources.images` (checked from the header before decoding, the same limit as
+    for the collection). Engine calls and thumbnail decodes are serialised by a lock owned by
+    this app (see the module docstring).
+
+    Requests must name a loopback host or one of ``allowed_hosts`` ("*": any) in their Host
+    header; with a ``token`` every route but ``/healthz`` asks for it; ``rate_limit``
+    (``N/min``, None: off) applies per client to the query routes and failed logins.
+    The interactive docs (Swagger UI, ReDoc load scripts from a CDN) are off; the schema is
+    at ``/openapi.json``.
     """
     static = load_static()
     if "index.html" not in static:
         raise FileNotFoundError("stylegen/static/index.html is missing from the package")
+    token = check_token(token)
+    limiter = RateLimiter.parse(rate_limit)
     app = FastAPI(
         title="stylegen",
         summary="Judge an album by its cover: genre and similar covers from cover art.",
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(GuardMiddleware, hosts=allowed_host_names(allowed_hosts), token=token, limiter=limiter)
     service = _Service(engine, max_upload_bytes)
     _add_error_handlers(app, service)
     _add_query_routes(app, service)
     _add_collection_routes(app, service)
     _add_page_routes(app, static)
-    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    app.openapi = functools.partial(_openapi, app, token is not None, limiter is not None)  # type: ignore[method-assign]
     return app
 
 
@@ -391,7 +700,11 @@ def _add_error_handlers(app: FastAPI, service: _Service) -> None:
 
     @app.exception_handler(StylegenError)
     async def _stylegen_error(request: Request, exc: StylegenError) -> JSONResponse:
-        return error_response(http_status_for(exc), exc)
+        return error_response(http_status_for(exc), service.public_message(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "internal server error (see the server's log)")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -502,6 +815,7 @@ def _add_page_routes(app: FastAPI, static: dict[str, bytes]) -> None:
         headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
         if media_type == "text/html":
             headers["Content-Security-Policy"] = PAGE_CSP
+            headers["Referrer-Policy"] = "no-referrer"  # the page may be opened with ?token=
         return Response(static[name], media_type=media_type, headers=headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -519,13 +833,31 @@ def _add_page_routes(app: FastAPI, static: dict[str, bytes]) -> None:
         return static_response(name)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with the declared multipart bodies of the query routes."""
+def _openapi(app: FastAPI, secured: bool = False, limited: bool = False) -> dict[str, Any]:
+    """FastAPI's schema with the declared multipart bodies of the query routes, the bearer
+    token (``secured``) and the 429 of the query routes (``limited``)."""
     if app.openapi_schema is None:
-        app.openapi_schema = with_query_bodies(FastAPI.openapi(app), {
+        schema = with_query_bodies(FastAPI.openapi(app), {
             "/classify": _query_body({**TOP_FIELD, **METHOD_FIELD, **EXPLAIN_FIELD}),
             "/similar": _query_body(SIMILAR_FIELDS)})
+        app.openapi_schema = with_access(schema, secured, limited)
     return app.openapi_schema
+
+
+def with_access(schema: dict[str, Any], secured: bool, limited: bool) -> dict[str, Any]:
+    """``schema`` with the bearer token on every operation but ``/healthz`` (and its 401), and
+    the 429 of the rate-limited routes."""
+    if secured:
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["token"] = {
+            "type": "http", "scheme": "bearer", "description": "the token `stylegen serve` was given"}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            if secured and path not in PUBLIC_PATHS:
+                operation["security"] = [{"token": []}]
+                operation["responses"].update(_error_responses(401))
+            if limited and path in LIMITED_PATHS:
+                operation["responses"].update(_error_responses(429))
+    return schema
 
 
 def serve(
@@ -534,12 +866,18 @@ def serve(
     port: int = 8000,
     *,
     log_level: str = "info",
+    token: str | None = None,
+    allow_hosts: Iterable[str] = (),
+    rate_limit: str | None = DEFAULT_RATE_LIMIT,
     **limits: int,
 ) -> None:
     """Run the app with uvicorn (loopback only unless ``host`` says otherwise).
 
-    ``limits`` are passed to :func:`create_app` (``max_upload_bytes``).
+    Beyond loopback a ``token`` is required (see :func:`hosts_for_bind` for the Host names
+    then accepted). ``limits`` are passed to :func:`create_app` (``max_upload_bytes``).
     """
     import uvicorn
 
-    uvicorn.run(create_app(engine, **limits), host=host, port=port, log_level=log_level)
+    hosts = hosts_for_bind(host, token, allow_hosts)
+    app = create_app(engine, token=token, allowed_hosts=hosts, rate_limit=rate_limit, **limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
