@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         from stylegen.query.engine import Engine
 
         engine = Engine.open(args.index)
-    url, server, thread = start_server(create_app(engine))
+    url, server, thread = start_server(create_app(engine, rate_limit=None))  # measures throughput, not the limiter
     try:
         httpx.get(f"{url}/healthz", timeout=10).raise_for_status()
         rss_before = resident_bytes()

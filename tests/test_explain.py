@@ -111,7 +111,7 @@ def test_cli_and_api_explain(planted):
                                    "--method", "knn"])
     assert out.exit_code == 0, out.output
     assert "tap stage5" in out.output and "voter #" in out.output
-    client = TestClient(create_app(engine))
+    client = TestClient(create_app(engine), base_url="http://127.0.0.1")
     body = client.post("/classify", data={"id": 60, "explain": "true", "method": "knn"}).json()
     taps = body["explanation"]["taps"]
     assert max(taps, key=lambda t: t["share"])["tap"] == "stage5"

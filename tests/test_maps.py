@@ -100,7 +100,7 @@ def test_served_map_tab(planted_index: Index):
     from stylegen.apps.service import create_app
     from stylegen.query.engine import Engine
 
-    client = TestClient(create_app(Engine(planted_index)))
+    client = TestClient(create_app(Engine(planted_index)), base_url="http://127.0.0.1")
     data = client.get("/api/map", params={"by": "content"}).json()
     assert data["count"] == 45 and data["by"] == "content" and data["thumbs"] is None
     assert data["link"] == "/?id="

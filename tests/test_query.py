@@ -67,7 +67,7 @@ def test_indexed_cover_gets_one_answer_by_path_upload_and_id(planted):
     path = root / "img" / "metal3.png"  # row 11 of the index
     cli = invoke("classify", str(path), "--index", str(idx), "--method", "knn", "--json", "--top", "3")["results"][0]
     engine = Engine.open(idx)
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine), base_url="http://127.0.0.1") as client:
         api = client.post("/classify", files={"image": ("x.png", path.read_bytes(), "image/png")},
                           data={"method": "knn"}).json()
         by_id = client.post("/classify", data={"id": "11", "method": "knn"}).json()
@@ -257,7 +257,7 @@ def test_every_entry_point_embeds_a_large_cover_like_the_collection(tmp_path):
     cos = np.array([float(r.vector @ s) for r, s in zip(lib, stored)])
     assert cos.min() >= 0.9999, cos.min()
     cli = invoke("classify", *map(str, queries), "--index", str(tmp_path / "idx"), "--json")["results"]
-    with TestClient(create_app(engine)) as client:
+    with TestClient(create_app(engine), base_url="http://127.0.0.1") as client:
         api = [client.post("/classify", files={"image": (q.name, q.read_bytes(), "image/jpeg")}).json() for q in queries]
         api_similar = [client.post("/similar", files={"image": (q.name, q.read_bytes(), "image/jpeg")},
                                    data={"k": "1"}).json()["neighbours"][0] for q in queries]
