@@ -1,10 +1,13 @@
 """beets plugin: genres from album art with stylegen, fully offline.
 
-Enable it with ``plugins: stylegen`` and point it at a stylegen index with trained heads::
+Enable it with ``plugins: stylegen``; it answers out of the box with the model shipped in
+stylegen, or with a model or an index of your own::
 
     stylegen:
-        index: ~/indexes/covers
-        min_confidence: 0.5   # leave albums whose top genre is less likely
+        model: null           # a model's name or path (`stylegen model list`); default: the shipped one
+        index: null           # an index with trained heads (wins over model)
+        min_confidence: null  # leave albums whose top genre is less likely; null: the threshold
+                              # `stylegen train` recorded (precision >= 0.80 out of fold), else 0.5
         auto: no              # yes: judge every album during `beet import`
         force: no             # yes: replace genres that are already set
         level: class          # or "top": the taxonomy's top-level genres
@@ -38,7 +41,7 @@ class StylegenPlugin(BeetsPlugin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config.add({"index": None, "min_confidence": 0.5, "auto": False, "force": False,
+        self.config.add({"index": None, "model": None, "min_confidence": None, "auto": False, "force": False,
                          "level": "class", "count": 1, "method": None, "device": "auto"})
         self._engine: Any = None
         if self.config["auto"].get(bool):
@@ -50,13 +53,20 @@ class StylegenPlugin(BeetsPlugin):
             from stylegen.errors import StylegenError
             from stylegen.query.engine import Engine
 
-            if not self.config["index"].get():
-                raise ui.UserError("stylegen: set `stylegen: index:` in the beets configuration")
+            index = self.config["index"].as_filename() if self.config["index"].get() else None
+            model = self.config["model"].as_str() if self.config["model"].get() else None
             try:
-                self._engine = Engine.open(self.config["index"].as_filename(), device=self.config["device"].as_str())
+                self._engine = Engine.open(index, device=self.config["device"].as_str(), model=model)
             except StylegenError as exc:
                 raise ui.UserError(f"stylegen: {exc}") from None
         return self._engine
+
+    def min_confidence(self, method: str | None) -> float:
+        """The configured threshold, else the one `stylegen train` recorded for the method, else 0.5."""
+        if self.config["min_confidence"].get() is not None:
+            return float(self.config["min_confidence"].as_number())
+        recorded = self.engine().min_confidence(method)
+        return 0.5 if recorded is None else recorded
 
     # ---- command and import stage -------------------------------------------------------
     def commands(self) -> list[ui.Subcommand]:
@@ -94,7 +104,7 @@ class StylegenPlugin(BeetsPlugin):
                                          method=self.config["method"].get())
             new, confidence = library.suggestion(result, level=self.config["level"].as_str(),
                                                  count=self.config["count"].get(int),
-                                                 min_confidence=self.config["min_confidence"].as_number())
+                                                 min_confidence=self.min_confidence(self.config["method"].get()))
         except StylegenError as exc:
             self._log.warning("{}: {}", obj, exc)
             return

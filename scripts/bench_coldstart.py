@@ -2,14 +2,16 @@
 """Cold start of the CLI: whole processes, repeated, median wall time and peak RSS.
 
     python scripts/bench_coldstart.py --index indexes/covers [--repeats 5]
-        [--cover PATH] [--baseline ../main-baseline [--baseline-index DIR]]
+        [--cover PATH] [--baseline ../main-baseline [--baseline-index DIR]] [--model covers-9genres]
 
 Times ``stylegen --help`` and ``stylegen classify COVER --index IDX`` (a cover that is not
 in the index, so the featurizer runs) as fresh processes. ``--baseline`` runs the same
 commands with another checkout on PYTHONPATH (e.g. the main branch) in the same run,
 interleaved, so drift of a shared machine hits both alike. Peak RSS is each child's
 ``ru_maxrss`` (os.wait4). The first classify run of a checkout also fills the export cache;
-it is run once untimed.
+it is run once untimed. ``--model`` adds ``stylegen classify COVER --model NAME`` (no index):
+once per repeat with a new, empty cache, as the first classify after an install, and with
+the cache that run left, as every later one.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def cpu_line() -> str:
     return f"CPU: {model}; {os.cpu_count()} logical cores; flags: {have}; load average {load}"
 
 
-def run(cmd: list[str], pythonpath: str) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MB, exit code) of one fresh process."""
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+def run(cmd: list[str], pythonpath: str, cache: str | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MB, exit code) of one fresh process (``cache``: its STYLEGEN_CACHE)."""
+    env = {**os.environ, "PYTHONPATH": pythonpath, **({"STYLEGEN_CACHE": cache} if cache else {})}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=pythonpath, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--baseline-index", type=Path, default=None,
                     help="the index the baseline reads (default: --index), e.g. one whose heads "
                          "the baseline's code trained")
+    ap.add_argument("--model", default=None, help="also time the first and later classify with this model, no index")
     a = ap.parse_args()
     cover = a.cover
     tmp = tempfile.TemporaryDirectory()
@@ -100,6 +103,15 @@ def main() -> None:
             for label, (path, commands) in checkouts.items():
                 wall, rss, _ = run(commands[name], path)
                 results.setdefault((name, label), []).append((wall, rss))
+    if a.model:
+        model_cmd = [*stylegen, "classify", str(cover), "--model", a.model]
+        for i in range(a.repeats):
+            cache = str(Path(tmp.name) / f"cache{i}")  # new and empty: the first classify after an install
+            for name in ("first classify after install: --model, empty cache", "later classify: --model"):
+                wall, rss, code = run(model_cmd, str(ROOT), cache)
+                if code:
+                    sys.exit(f"{' '.join(model_cmd)} failed with exit code {code}")
+                results.setdefault((name, "this checkout"), []).append((wall, rss))
     print(f"\n{a.repeats} runs each, interleaved; median (min-max)\n")
     print("| command | code | wall s | peak RSS MB |\n|---|---|---:|---:|")
     for (name, label), rows in results.items():

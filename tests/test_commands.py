@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 
 import stylegen
 from stylegen.heads import KNNHead
+from stylegen.heads.compiled import temperature_scale
 from stylegen.heads.io import read_head_set
 from stylegen.heads.train import default_method, train
 from stylegen.query.engine import Engine
@@ -166,15 +167,17 @@ def test_heads_survive_an_add_and_are_refused_after_a_refit(trained, tmp_path):
 def test_knn_vote_of_an_indexed_cover_leaves_it_out(trained):
     _, idx = trained
     engine = Engine.open(idx)
-    knn = engine.head("knn")
+    head = engine.head("knn")  # calibrated: the kNN vote, then its temperature
+    knn = head.knn_
     result = engine.query(0, method="knn")
     # the vote of the 23 other fitted covers, computed from the head's own neighbour list
     _, ids = knn.kneighbors(result.vector[None], exclude=np.array([-1]))
     keep = ids[0] != 0
     others = KNNHead(k=knn.k, temperature=knn.temperature).fit(
         np.asarray(engine.index.vectors)[1:24], np.asarray(knn.classes_)[knn.targets_[1:]])
-    np.testing.assert_allclose(result.proba, others.predict_proba(result.vector[None])[0], atol=1e-6)
-    assert keep.sum() == 23 and not np.allclose(result.proba, knn.predict_proba(result.vector[None])[0])
+    want = temperature_scale(others.predict_proba(result.vector[None]), head.temperature, False)[0]
+    np.testing.assert_allclose(result.proba, want, atol=1e-6)
+    assert keep.sum() == 23 and not np.allclose(others.predict_proba(result.vector[None]), knn.predict_proba(result.vector[None]))
 
 
 def test_hierarchical_paths_and_levels_roll_up_through_a_taxonomy(trained, tmp_path):
@@ -277,7 +280,8 @@ def test_train_records_and_queries_use_the_best_validated_method(trained, tmp_pa
 
     copy = tmp_path / "idx"
     shutil.copytree(trained[1], copy)
-    monkeypatch.setattr(train_module, "_validation_score", lambda est, *a, **k: planted[type(est).__name__])
+    # with calibration (the default) the held-out split's predictions give the score
+    monkeypatch.setattr(train_module, "_held_out_score", lambda cal, y: planted[type(cal.head).__name__])
     with threadpool_limits(1):
         train(copy, heads=("linear", "knn", "ensemble"))
     cfg = read_head_set(copy)

@@ -236,7 +236,7 @@ def serve_cli(monkeypatch: pytest.MonkeyPatch, capsys, engine: Engine, *args: st
 
     opened: list = []
     seen: dict = {}
-    monkeypatch.setattr(Engine, "open", lambda index, device="auto": opened.append(index) or engine)
+    monkeypatch.setattr(Engine, "open", lambda index=None, device="auto", **kw: opened.append(index) or engine)
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(kw, app=app))
     if env is None:
         monkeypatch.delenv("STYLEGEN_TOKEN", raising=False)

@@ -17,6 +17,8 @@ import typer
 from stylegen.errors import StylegenError
 from stylegen.query.options import BY, DEFAULT_K, DEFAULT_TOP, METHODS, choices
 
+DEFAULT_COVERS = Path("indexes/default")  # where `embed` puts covers without --index
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -26,6 +28,12 @@ app = typer.Typer(
 )
 
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.")]
+GenreIndex = Annotated[Path | None, typer.Option(
+    "--index", "-i", help="Index directory (default: genres from --model, else the shipped default model).")]
+CoversIndex = Annotated[Path | None, typer.Option(
+    "--index", "-i", help="Index of your covers (default: indexes/default, where `stylegen embed` puts them).")]
+ModelName = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Model bundle, by name (`stylegen model list`) or path; default: the shipped one.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 QueryWeights = Annotated[str | None, typer.Option(
@@ -69,19 +77,24 @@ def embed(
     runtime: Annotated[str, typer.Option(
         help="auto | torch | onnx | openvino (auto: torch on a GPU, the fastest installed on a CPU).")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Make the new index in a model's vector space (its settings and compressor): "
+                              "the model's genres answer on it without `train`.")] = None,
 ) -> None:
     """Embed every new image of SOURCE into the index (resumable, incremental: covers are
     ingested to shards, then appended with the index's frozen compression)."""
     from stylegen.index.ingest import embed as run_embed
     from stylegen.index.ingest import requested_config
 
-    config = requested_config(
-        index, backbone=backbone, weights=weights, taps=_split(taps) if taps else None, image_size=image_size,
-        parts=_parts(parts) if parts else None, style_weight=style_weight, content_weight=content_weight,
-        compression=compression, dim=dim, whiten=whiten, flip=flip)
+    options = {"backbone": backbone, "taps": _split(taps) if taps else None, "image_size": image_size,
+               "parts": _parts(parts) if parts else None, "style_weight": style_weight,
+               "content_weight": content_weight, "compression": compression, "dim": dim, "whiten": whiten,
+               "flip": flip}
+    given = any(v is not None for v in options.values())
+    config = requested_config(index, weights=weights, **options) if given or model is None else None
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
                        precision=precision, progress=progress, engine=engine, address=address,
-                       checkpoint_every=shard_size, runtime=runtime, weights=weights)
+                       checkpoint_every=shard_size, runtime=runtime, weights=weights, model=model)
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")
@@ -115,6 +128,12 @@ def train(
     tabular_columns: TabularColumns = None,
     tabular_key: TabularKey = "image",
     seed: int = 0,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate/--no-calibrate", help="Calibrate each head's probabilities (a temperature fitted on "
+                                            "artist-disjoint out-of-fold predictions).")] = True,
+    calibration_folds: Annotated[int, typer.Option(min=1, help=(
+        "1: calibrate on the artist-disjoint validation split (no extra fit); K: on K-fold out-of-fold "
+        "predictions (K extra fits per head)."))] = 1,
 ) -> None:
     """Fit genre heads on the index's vectors and store them in the index."""
     from stylegen.heads.train import HEAD_NAMES
@@ -123,13 +142,23 @@ def train(
 
     heads = list(HEAD_NAMES) if "all" in head else head
     table, cols = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
-    cfg = run_train(index, heads, labels, taxonomy, table, cols, seed)
+    cfg = run_train(index, heads, labels, taxonomy, table, cols, seed, calibrate=calibrate,
+                    calibration_folds=calibration_folds)
     scores = cfg.get("validation_macro_f1") or cfg.get("validation_top1_in_labels") or {}
     typer.echo(f"trained {', '.join(cfg['heads'])} on {len(cfg['train_rows'])} covers, "
                f"{len(cfg['classes'])} genres; default head {cfg['default_head']}, method {cfg['default_method']}")
     for name, score in scores.items():
         metric = "macro-F1" if labels == "single" else "top-1 in labels"
         typer.echo(f"  {name:9s} {metric} on an artist-disjoint 20% validation split: {score}")
+    for name, cal in (cfg.get("calibration") or {}).items():
+        typer.echo(f"  {name:9s} calibration skipped: {cal['skipped']}" if "skipped" in cal else
+                   f"  {name:9s} calibration: temperature {cal['temperature']:.3g}, expected calibration error "
+                   f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f} ({cal['folds']} artist-disjoint folds)")
+    if cfg.get("precision_coverage"):
+        found = cfg["min_confidence"]
+        typer.echo(f"  library tag threshold for {cfg['default_method']}: " + (
+            f"{found:.2f} (cross-validated precision >= 0.80)" if found is not None
+            else "none reaches cross-validated precision 0.80 (0.5..0.9)"))
     if cfg["dropped_classes"]:
         typer.echo(f"  left out (fewer than 3 covers): {', '.join(cfg['dropped_classes'])}")
 
@@ -137,7 +166,7 @@ def train(
 @app.command()
 def classify(
     image: Annotated[list[Path], typer.Argument(help="Cover image(s).")],
-    index: IndexDir = Path("indexes/default"),
+    index: GenreIndex = None,
     method: Method = None,
     top: Annotated[int, typer.Option(min=1)] = DEFAULT_TOP,
     as_json: JsonFlag = False,
@@ -147,11 +176,10 @@ def classify(
     device: Device = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="Show the kNN voters and each tap layer's share.")] = False,
     weights: QueryWeights = None,
+    model: ModelName = None,
 ) -> None:
     """Top genres (with the hierarchical path) for each IMAGE."""
-    from stylegen.query.engine import Engine
-
-    engine = Engine.open(index, device=device, weights=weights)
+    engine = _engine(index, device, weights, model)
     keys = [str(p) for p in image]
     table = engine.tabular_for(keys, tabular, _columns(tabular_columns), tabular_key) if tabular else None
     results, bad = engine.query_many(image, top=top, method=method, tabular=table, explain=explain)
@@ -171,7 +199,7 @@ def classify(
 @app.command()
 def similar(
     image: Annotated[Path, typer.Argument(help="Query cover image.")],
-    index: IndexDir = Path("indexes/default"),
+    index: CoversIndex = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1)] = DEFAULT_K,
     by: Annotated[str, typer.Option(help=choices(BY))] = "both",
     as_json: JsonFlag = False,
@@ -181,9 +209,8 @@ def similar(
 ) -> None:
     """Nearest covers in the index to IMAGE (the query itself is marked when indexed)."""
     from stylegen.apps.render import format_neighbours, write_contact_sheet
-    from stylegen.query.engine import Engine
 
-    engine = Engine.open(index, device=device, weights=weights)
+    engine = _engine(_covers_index(index, "similar"), device, weights)
     result = engine.query(image, k=k, by=by, classify=False)
     if html is not None:
         write_contact_sheet(html, engine, image, result, by)
@@ -223,7 +250,7 @@ def _report_skipped(bad: list[dict[str, str]], done: int) -> None:
 
 @app.command()
 def evaluate(
-    index: IndexDir = Path("indexes/default"),
+    index: GenreIndex = None,
     test: Annotated[Path | None, typer.Option(help="Test manifest (CSV) or folder, never the training data.")] = None,
     cv: Annotated[int | None, typer.Option(help="Cross-validate on the index with this many artist-disjoint folds.")] = None,
     heads: Annotated[str, typer.Option(help="With --cv: comma-separated heads to compare.")] = "linear,mlp,knn,ensemble",
@@ -236,6 +263,7 @@ def evaluate(
     tabular_key: TabularKey = "image",
     device: Device = "auto",
     weights: QueryWeights = None,
+    model: ModelName = None,
 ) -> None:
     """Score the genre models on a test manifest, or by cross-validation on the index."""
     from stylegen.evaluation import runs as scoring
@@ -246,20 +274,24 @@ def evaluate(
     if cv is not None:
         from stylegen.heads.train import HEAD_NAMES
 
+        if index is None:
+            raise StylegenError("--cv cross-validates an index's covers: pass --index DIR")
         outcome = scoring.run_cv(index, cv, heads=_names(heads, HEAD_NAMES, "--heads"),
                                  parts=_names(parts, scoring.PART_CHOICES, "--parts"), table=table, report=report)
     else:
         outcome = scoring.run_test(index, test, method=method, table=table, report=report, device=device,
-                                   weights=weights)
+                                   weights=weights, model=model)
     typer.echo(json.dumps(outcome.as_json(), indent=2) if as_json else outcome.summary())
 
 
 @app.command()
 def serve(
-    index: IndexDir = Path("indexes/default"),
+    index: GenreIndex = None,
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 20.0,
+    model: ModelName = None,
+    weights: QueryWeights = None,
     device: Device = "auto",
     token: Annotated[str | None, typer.Option(
         envvar="STYLEGEN_TOKEN", show_envvar=True,
@@ -273,15 +305,15 @@ def serve(
     """Serve the web page and the JSON API (classify, similar, thumbnails)."""
     from stylegen.apps.service import RateLimiter, hosts_for_bind
     from stylegen.apps.service import serve as run_serve
-    from stylegen.query.engine import Engine
 
     hosts_for_bind(host, token, allow_host or ())  # refuse before the model loads
     RateLimiter.parse(rate_limit)
-    engine = Engine.open(index, device=device)
+    engine = _engine(index, device, weights, model)
     engine.featurizer  # load the model once, before the first request  # noqa: B018
     login = "  (token required: open /?token=TOKEN once, or send 'Authorization: Bearer TOKEN')" if token else ""
-    typer.echo(f"serving {index} ({len(engine.index)} covers) on http://{host}:{port}  (API schema: /openapi.json)"
-               + login)
+    what = (f"{index} ({len(engine.index)} covers)" if engine.has_covers else
+            f"the genres of model {engine.index.root.name} (similar covers need --index)")
+    typer.echo(f"serving {what} on http://{host}:{port}  (API schema: /openapi.json)" + login)
     run_serve(engine, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
               token=token, allow_hosts=allow_host or (), rate_limit=rate_limit)
 
@@ -295,20 +327,20 @@ ShowProgress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 @library_app.command("scan")
 def library_scan(
     directory: MusicDir,
-    index: IndexDir = Path("indexes/default"),
+    index: GenreIndex = None,
     method: Method = None,
     top: Annotated[int, typer.Option(min=1)] = DEFAULT_TOP,
     as_json: JsonFlag = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write one row per album here.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page here.")] = None,
+    model: ModelName = None,
     device: Device = "auto",
     progress: ShowProgress = True,
 ) -> None:
     """Each album's cover art (embedded, else cover.* in its folder), current genre and suggested genres."""
     from stylegen.apps.musiclib import genres as library
-    from stylegen.query.engine import Engine
 
-    report = library.scan(directory, Engine.open(index, device=device), top=top, method=method, progress=progress)
+    report = library.scan(directory, _engine(index, device, model=model), top=top, method=method, progress=progress)
     if csv_out is not None:
         library.write_csv(report, csv_out)
     if html_out is not None:
@@ -321,16 +353,19 @@ def library_scan(
 @library_app.command("tag")
 def library_tag(
     directory: MusicDir,
-    index: IndexDir = Path("indexes/default"),
+    index: GenreIndex = None,
     write: Annotated[bool, typer.Option("--write", help="Write the tags (default: only show what would change).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace genres that are already set.")] = False,
-    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0, help="Leave albums whose top genre is less likely.")] = 0.0,
+    min_confidence: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Leave albums whose top genre is less likely (default: the threshold `stylegen "
+                               "train` recorded for the method, cross-validated precision >= 0.80; else 0).")] = None,
     level: Annotated[str, typer.Option(help="class (the heads' genres) | top (top-level genres of the taxonomy)")] = "class",
     count: Annotated[int, typer.Option(min=1, help="Write up to this many genres (each above --min-confidence).")] = 1,
     log: Annotated[Path | None, typer.Option(help="Undo log (default: DIRECTORY/stylegen-undo-TIME.csv).")] = None,
     touch: Annotated[bool, typer.Option("--touch", help="Give tagged files the current modification time "
                                         "(default: keep it; owner, group and mode are always kept).")] = False,
     method: Method = None,
+    model: ModelName = None,
     device: Device = "auto",
     progress: ShowProgress = True,
 ) -> None:
@@ -338,7 +373,15 @@ def library_tag(
     from stylegen.apps.musiclib import genres as library
     from stylegen.util.progress import embed_progress
 
-    report = library.scan(directory, _engine(index, device), method=method, progress=progress)
+    engine = _engine(index, device, model=model)
+    report = library.scan(directory, engine, method=method, progress=progress)
+    source = "--min-confidence"
+    if min_confidence is None:  # what `train` recorded for the head of the method used (None: nothing judged)
+        recorded = engine.min_confidence(report.method) if report.method is not None else None
+        min_confidence = 0.0 if recorded is None else float(recorded)
+        source = ("none recorded by `stylegen train`" if recorded is None else
+                  f"recorded by `stylegen train` for {report.method}: cross-validated precision >= 0.80")
+    typer.echo(f"min confidence {min_confidence:.2f} ({source})")
     plans = library.plan_tags(report, level=level, count=count, min_confidence=min_confidence, overwrite=overwrite)
     typer.echo(library.format_plan(plans, report.bad_files))
     if not write:
@@ -363,10 +406,95 @@ def library_undo(log: Annotated[Path, typer.Argument(help="Undo log written by `
     typer.echo(report.summary())
 
 
-def _engine(index: Path, device: str):
+def _engine(index: Path | None, device: str, weights: str | None = None, model: str | None = None):
+    """The one way a command opens what answers it: ``--index`` (with its own heads, or
+    ``--model``'s), else ``--model``, else the shipped default model."""
     from stylegen.query.engine import Engine
 
-    return Engine.open(index, device=device)
+    return Engine.open(index, device=device, weights=weights, model=model)
+
+
+def _covers_index(index: Path | None, command: str) -> Path:
+    """An index of the user's covers for ``command``: ``--index``, else ``indexes/default``."""
+    if index is not None:
+        return index
+    if (DEFAULT_COVERS / "CURRENT").is_file():
+        return DEFAULT_COVERS
+    raise StylegenError(f"{command} needs an index of your own covers: run `stylegen embed FOLDER --index "
+                        "indexes/mine`, then pass --index indexes/mine")
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Model bundles: export an index's heads, list models, show a model card.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("export")
+def model_export(
+    index: Annotated[Path, typer.Argument(help="Index with trained heads.")],
+    out: Annotated[Path, typer.Argument(help="New folder to write the model to.")],
+    name: Annotated[str | None, typer.Option(help="The model's name (default: OUT's folder name).")] = None,
+    card: Annotated[Path | None, typer.Option(help="JSON of model card fields to add (training data, metrics...).")] = None,
+    heads: Annotated[str | None, typer.Option(help="Comma-separated heads to keep (default: all trained).")] = None,
+    featurizer: Annotated[bool, typer.Option(
+        "--featurizer/--no-featurizer", help="Ship the exported featurizer graph (+14 MB; no export on first use).")] = False,
+) -> None:
+    """Write the index's heads, compressor and settings as a model bundle (plain arrays, no pickle)."""
+    from stylegen.heads.export import export_model
+
+    extra = None
+    if card is not None:
+        try:
+            extra = json.loads(card.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StylegenError(f"cannot read model card fields {card}: {exc}") from None
+    graph = _featurizer_graph(index) if featurizer else None
+    path = export_model(index, out, name=name, card=extra, graph=graph, heads=_split(heads) if heads else None)
+    from stylegen.index.bundle import bundle_size
+
+    typer.echo(f"model written to {path} ({bundle_size(path) / 1e6:.1f} MB)")
+
+
+def _featurizer_graph(index: Path) -> Path:
+    """The exported featurizer graph of the index's settings (exported now when not cached)."""
+    from stylegen.featurize.runtime import graph_for
+    from stylegen.index.store import Index
+
+    return graph_for(Index.open(index).query_config())
+
+
+@model_app.command("list")
+def model_list(as_json: JsonFlag = False) -> None:
+    """The installed models (shipped with stylegen, and yours in the user models folder)."""
+    from stylegen.index.bundle import list_models
+
+    models = list_models()
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    for m in models:
+        typer.echo(f"{m['name']:24s} {m['size_bytes'] / 1e6:6.1f} MB  {m['path']}" + ("  (default)" if m["default"] else ""))
+    if not models:
+        typer.echo("no models installed")
+
+
+@model_app.command("info")
+def model_info(
+    model: Annotated[str, typer.Argument(help="A model's name or path.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """A model's card: classes, training data, metrics, calibration, size."""
+    from stylegen.heads.export import describe_model
+    from stylegen.index.bundle import open_model
+
+    info = describe_model(open_model(model))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key in ("name", "version", "task", "path", "size_bytes", "classes", "heads", "default_method",
+                "training_covers", "training_data", "metrics", "calibration", "precision_coverage", "rebuild"):
+        if key in info:
+            value = info[key]
+            typer.echo(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
 
 
 @app.command("index")
@@ -392,7 +520,7 @@ def build_index(
 
 @app.command()
 def duplicates(
-    index: IndexDir = Path("indexes/default"),
+    index: CoversIndex = None,
     threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which two covers are near-duplicates (0.70, chosen on planted copies).")] = None,
     by: Annotated[str, typer.Option(help=choices(BY))] = "both",
     against: Annotated[Path | None, typer.Option(help="Another index: report only pairs across the two collections.")] = None,
@@ -410,7 +538,7 @@ def duplicates(
     from stylegen.index.store import Index
     from stylegen.util.tables import safe_frame
 
-    idx, other = Index.open(index), Index.open(against) if against is not None else None
+    idx, other = Index.open(_covers_index(index, "duplicates")), Index.open(against) if against is not None else None
     dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)
     table = group_table(dups, idx, other)
     for path, text in ((csv, lambda: safe_frame(table).to_csv(index=False)), (html, lambda: groups_html(table, dups))):
@@ -428,7 +556,7 @@ def duplicates(
 
 @app.command("map")
 def map_(
-    index: IndexDir = Path("indexes/default"),
+    index: CoversIndex = None,
     out: Annotated[Path, typer.Option(help="The self-contained HTML page to write.")] = Path("map.html"),
     by: Annotated[str, typer.Option(help=choices(BY))] = "both",
     png: Annotated[Path | None, typer.Option(help="Also write a PNG scatter plot here.")] = None,
@@ -440,7 +568,7 @@ def map_(
     from stylegen.apps.maps import build_map, map_html, map_png, predicted_labels
     from stylegen.query.engine import Engine
 
-    engine = Engine.open(index, device="cpu")
+    engine = Engine.open(_covers_index(index, "map"), device="cpu")
     predicted = predicted_labels(engine)
     payload = build_map(engine.index, by, predicted, color, link=server.rstrip("/") + "/?id=", method=method)
     out.parent.mkdir(parents=True, exist_ok=True)

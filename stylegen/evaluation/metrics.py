@@ -29,6 +29,11 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from stylegen.errors import DataError
+
+# calibration metrics live with the heads (heads may not import evaluation); re-exported here
+from stylegen.heads.calibration import expected_calibration_error as expected_calibration_error
+from stylegen.heads.calibration import min_confidence as min_confidence
+from stylegen.heads.calibration import precision_coverage as precision_coverage
 from stylegen.util.persist import atomic_write, atomic_write_text
 from stylegen.util.tables import safe_frame
 
@@ -126,6 +131,102 @@ def multi_label_metrics(
     out["per_class"] = per
     out["classes"] = classes
     return out
+
+
+# ---- hierarchical multi-label: one score table per level ---------------------------------
+def label_matrix(Y_true: Any, classes: Sequence[str]) -> np.ndarray:
+    """0/1 matrix (n, C) from label lists (labels not in ``classes`` ignored), or a 0/1
+    matrix passed through."""
+    if isinstance(Y_true, np.ndarray) and Y_true.ndim == 2:
+        if Y_true.shape[1] != len(classes):
+            raise DataError(f"label matrix has {Y_true.shape[1]} columns for {len(classes)} classes")
+        return (Y_true > 0).astype(int)
+    col = {str(c): j for j, c in enumerate(classes)}
+    Y = np.zeros((len(Y_true), len(classes)), dtype=int)
+    for i, labels in enumerate(Y_true):
+        Y[i, [col[str(lab)] for lab in labels if str(lab) in col]] = 1
+    return Y
+
+
+def best_threshold(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
+                   grid: Sequence[float] | None = None) -> float:
+    """The one threshold (from ``grid``, default 0.02..0.98) with the best macro-F1 over the
+    classes that have a positive; choose it on training rows, then apply it to test rows."""
+    Y = label_matrix(Y_true, classes)
+    proba = _check_proba(proba, len(Y), classes)
+    used = Y.sum(axis=0) > 0
+    if not used.any():
+        raise DataError("no class has a positive row: no threshold to choose")
+    grid = np.arange(0.02, 0.99, 0.02) if grid is None else np.asarray(grid, dtype=np.float64)
+    Y, proba = Y[:, used].astype(bool), proba[:, used]
+    best, best_f1 = float(grid[0]), -1.0
+    for t in grid:
+        pred = proba >= t
+        tp = (pred & Y).sum(axis=0)
+        f1 = np.mean(2 * tp / np.maximum(pred.sum(axis=0) + Y.sum(axis=0), 1))
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = float(t), float(f1)
+    return best
+
+
+def level_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str], min_support: int = 1,
+                  threshold: float = 0.5) -> dict[str, Any]:
+    """Macro-AUROC, macro-AP and macro-F1 (at ``threshold``) over the classes with at least
+    ``min_support`` positive rows (and at least one negative); per-class values too."""
+    classes = [str(c) for c in classes]
+    Y = label_matrix(Y_true, classes)
+    proba = _check_proba(proba, len(Y), classes)
+    pos = Y.sum(axis=0)
+    scored = (pos >= max(min_support, 1)) & (pos < len(Y))
+    per = [{"class": c, "support": int(pos[j]),
+            "auroc": float(roc_auc_score(Y[:, j], proba[:, j])) if scored[j] else None,
+            "ap": float(average_precision_score(Y[:, j], proba[:, j])) if scored[j] else None}
+           for j, c in enumerate(classes)]
+    pred = proba[:, scored] >= threshold
+    tp = (pred & (Y[:, scored] > 0)).sum(axis=0)
+    f1 = 2 * tp / np.maximum(pred.sum(axis=0) + pos[scored], 1)
+    auroc, ap = ([p[key] for p in per if p[key] is not None] for key in ("auroc", "ap"))
+    return {"n": len(Y), "n_classes": int(scored.sum()), "min_support": int(min_support),
+            "macro_auroc": float(np.mean(auroc)) if auroc else None,
+            "macro_ap": float(np.mean(ap)) if ap else None,
+            "macro_f1": float(f1.mean()) if scored.any() else None,
+            "threshold": float(threshold), "per_class": per}
+
+
+def hierarchy_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
+                      levels: Mapping[str, Sequence[str]],
+                      min_support: int | Mapping[str, int] = 1,
+                      thresholds: float | Mapping[str, float] = 0.5) -> dict[str, dict[str, Any]]:
+    """:func:`level_metrics` per level: ``levels`` maps a level name ("genre", "style") to
+    its classes (columns of ``proba`` in ``classes`` order); ``min_support`` and
+    ``thresholds`` may be given per level."""
+    classes = [str(c) for c in classes]
+    Y = label_matrix(Y_true, classes)
+    proba = _check_proba(proba, len(Y), classes)
+    col = {c: j for j, c in enumerate(classes)}
+    out = {}
+    for name, members in levels.items():
+        if missing := [str(m) for m in members if str(m) not in col]:
+            raise DataError(f"level {name!r} names classes the probabilities lack: {missing[:5]}")
+        cols = [col[str(m)] for m in members]
+        support = min_support[name] if isinstance(min_support, Mapping) else min_support
+        t = thresholds[name] if isinstance(thresholds, Mapping) else thresholds
+        out[name] = level_metrics(Y[:, cols], proba[:, cols], [classes[j] for j in cols], support, t)
+    return out
+
+
+def parent_child_gap(proba: np.ndarray, classes: Sequence[str],
+                     parents: Mapping[str, str | None]) -> float:
+    """The largest ``p(child) - p(parent)`` over rows and the class pairs of ``parents``
+    (child -> parent) that both have a column: <= 0 when no parent is below its child."""
+    col = {str(c): j for j, c in enumerate(classes)}
+    proba = _check_proba(proba, len(proba), classes)
+    pairs = [(col[str(c)], col[str(p)]) for c, p in parents.items()
+             if p is not None and str(c) in col and str(p) in col]
+    if not pairs or not len(proba):
+        return float("-inf")
+    child, parent = (np.array(x) for x in zip(*pairs))
+    return float((proba[:, child] - proba[:, parent]).max())
 
 
 def grouped_metrics(

@@ -26,6 +26,7 @@ from stylegen.evaluation.metrics import (
     single_label_metrics,
 )
 from stylegen.heads import EnsembleHead
+from stylegen.heads.io import trained_hashes
 from stylegen.heads.train import HEAD_NAMES, artist_groups, labelled_rows, make_heads
 from stylegen.index.store import Index
 from stylegen.query.engine import Engine
@@ -75,14 +76,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def run_test(index_dir: str | Path, manifest: str | Path, *, method: str | None = None,
+def run_test(index_dir: str | Path | None, manifest: str | Path, *, method: str | None = None,
              table: TableSpec | None = None, report: str | Path | None = None,
-             device: str = "auto", weights: str | None = None) -> Outcome:
+             device: str = "auto", weights: str | None = None, model: str | Path | None = None) -> Outcome:
     """``stylegen evaluate --test``: score the trained heads on a held-out manifest
-    (``weights``: see :class:`~stylegen.query.engine.Engine`)."""
+    (``index_dir``, ``weights``, ``model``: see :meth:`~stylegen.query.engine.Engine.open`)."""
     from stylegen.evaluation.metrics import write_report
 
-    engine = Engine.open(index_dir, device=device, weights=weights)
+    engine = Engine.open(index_dir, device=device, weights=weights, model=model)
     tab = None
     if table is not None:
         keys = images.list_source(manifest)[table.key].astype(str).tolist()
@@ -141,7 +142,8 @@ def evaluate_test(
     results, bad = engine.query_many(items["path"].tolist(), method=method, tabular=tabular,
                                      labels=[str(i) for i in range(len(items))], top=3)
     trained = set(engine.head_config["train_rows"])
-    fresh = [r for r in results if r.row is None or r.row not in trained]
+    fitted = trained_hashes(engine.head_config["dir"])  # a model bundle's training covers
+    fresh = [r for r in results if (r.row is None or r.row not in trained) and r.content_hash not in fitted]
     out: dict[str, Any] = {"n_images": len(items), "n_unreadable": len(bad),
                            "n_in_training_excluded": len(results) - len(fresh), "bad": bad,
                            "method": results[0].method if results else None}

@@ -269,6 +269,11 @@ def ensure_export(config: EmbedConfig, info: BackboneInfo) -> Path:
     return path
 
 
+def graph_for(config: EmbedConfig) -> Path:
+    """The exported graph of ``config`` (exported now when not cached), e.g. to ship with a model."""
+    return ensure_export(config, backbones.describe(config.backbone, weights_id=cached_sha256))
+
+
 # ---- exported runtimes --------------------------------------------------------------
 @dataclass(frozen=True)
 class CPU:
@@ -342,20 +347,35 @@ class GraphFeaturizer:
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
+def shipped_graph_fits(graph: Path, spec: dict[str, Any]) -> bool:
+    """Whether an exported graph shipped with a model (``graph`` plus its ``.json`` spec)
+    computes the function ``spec`` describes: the same weights, taps, preprocessing and
+    features (which torch exported it does not matter)."""
+    try:
+        shipped = json.loads(graph.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps(spec))  # as the spec file holds it (lists, not tuples)
+    return {k: v for k, v in shipped.items() if k != "exporter"} == {k: v for k, v in wanted.items() if k != "exporter"}
+
+
 def load_graph_featurizer(config: EmbedConfig, runtime: str, precision: str = "auto",
-                          threads: int | None = None) -> GraphFeaturizer:
-    """The exported featurizer of ``config`` on ``runtime`` (exporting it on first use)."""
+                          threads: int | None = None, graph: Path | None = None) -> GraphFeaturizer:
+    """The exported featurizer of ``config`` on ``runtime``: ``graph`` (shipped with a model)
+    when it computes the same function, else the cached export (made on first use)."""
     prec = graph_precision(runtime, precision)
     if prec is None:
         raise StylegenError(f"{runtime} cannot compute {precision} on this CPU; use the torch runtime")
     info = backbones.describe(config.backbone, weights_id=cached_sha256)
-    path = ensure_export(config, info)
+    spec = export_spec(info, config.features)
+    path = graph if graph is not None and shipped_graph_fits(graph, spec) else ensure_export(config, info)
     run = _onnx_session(path, threads) if runtime == "onnx" else _openvino_session(path, threads, prec)
     return GraphFeaturizer(backbone=info, config=config.features, runtime=runtime, precision=prec, run=run)
 
 
 def load_featurizer(config: EmbedConfig, device: str = "auto", precision: str = "auto",
-                    channels_last: bool = True, runtime: str = "auto") -> Featurizer | GraphFeaturizer:
+                    channels_last: bool = True, runtime: str = "auto",
+                    graph: Path | None = None) -> Featurizer | GraphFeaturizer:
     """The featurizer ``config`` describes, on the runtime chosen by :func:`resolve_runtime`.
 
     Both kinds are called alike (uint8 batch in, raw part vectors out) and expose
@@ -366,7 +386,7 @@ def load_featurizer(config: EmbedConfig, device: str = "auto", precision: str = 
     chosen = resolve_runtime(runtime, dev, config, precision)
     if chosen in EXPORTED:
         try:
-            return load_graph_featurizer(config, chosen, precision)
+            return load_graph_featurizer(config, chosen, precision, graph=graph)
         except ImportError as exc:  # the exporter's ``onnx`` package is missing
             if runtime != "auto":
                 raise StylegenError(f"cannot export the featurizer for {chosen}: {exc}") from None

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from stylegen.errors import DataError
-from stylegen.util.numeric import matmul
+from stylegen.util.numeric import compact, matmul
 
 Layers = list[tuple[np.ndarray, np.ndarray]]
 FORMAT = 1
@@ -35,6 +35,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -logits))
+
+
+PROBA_CLIP = 1e-7  # probabilities are clipped to [PROBA_CLIP, 1 - PROBA_CLIP] before a log
+
+
+def temperature_scale(proba: Any, temperature: float, multi_label: bool) -> np.ndarray:
+    """Probabilities softened (``temperature`` > 1) or sharpened (< 1): single-label rows
+    ``p_T ∝ exp(log(p) / T)``, renormalised; multi-label ``sigmoid(logit(p) / T)`` per label.
+    ``p`` is clipped to [1e-7, 1 - 1e-7] first, so a 0 stays finite."""
+    if not temperature > 0:
+        raise DataError(f"temperature must be positive, got {temperature}")
+    p = np.clip(np.asarray(proba, dtype=np.float64), PROBA_CLIP, 1 - PROBA_CLIP)
+    if multi_label:
+        return sigmoid((np.log(p) - np.log1p(-p)) / temperature)
+    return softmax(np.log(p) / temperature)
 
 
 def as_rows(X: Any, n_features: int | None = None) -> np.ndarray:
@@ -283,20 +298,107 @@ class CompiledEnsemble:
         return self.weight_ * p_head + (1 - self.weight_) * p_knn
 
 
+@dataclass
+class CompiledCalibrated:
+    """Another compiled head's probabilities, temperature-scaled (:func:`temperature_scale`;
+    fitted by :mod:`stylegen.heads.calibration`). ``inner`` answers every other question:
+    ``classes_``, ``multi_label``, ``mode`` and the inputs are its own."""
+
+    inner: Any
+    temperature: float
+
+    kind = "calibrated"
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.inner.classes_
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.inner.multi_label)
+
+    @property
+    def mode(self) -> str:
+        return getattr(self.inner, "mode", "image")
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.inner.n_features_in_)
+
+    @property
+    def knn_(self) -> CompiledKNN:
+        """The inner head's kNN part, as an ensemble names it (explanations list its voters,
+        weighted by its own vote temperature); AttributeError when it has none."""
+        return self.inner if isinstance(self.inner, CompiledKNN) else self.inner.knn_
+
+    def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
+        """The inner head's probabilities (same arguments) at ``temperature``."""
+        return temperature_scale(self.inner.predict_proba(X, exclude=exclude, tabular=tabular),
+                                 self.temperature, self.multi_label)
+
+
+@dataclass
+class CompiledHierarchy:
+    """Multi-label probabilities over a label tree: ``inner`` (one sigmoid per node) gives a
+    root's probability and a child's probability given its parent; a child's probability is
+    then ``p(parent) * p(child | parent)``, so no parent falls below any of its children.
+    ``parent[j]`` is node ``j``'s parent column, -1 for a root (fitted by
+    :mod:`stylegen.heads.hierarchy`)."""
+
+    inner: Any
+    parent: np.ndarray  # (k,) int
+
+    kind = "hierarchy"
+
+    def __post_init__(self) -> None:
+        parent = np.asarray(self.parent, dtype=np.int64).reshape(-1)
+        if len(parent) != len(self.inner.classes_) or (parent >= len(parent)).any():
+            raise DataError(f"hierarchy has {len(parent)} parent entries for {len(self.inner.classes_)} classes")
+        depth = np.zeros(len(parent), dtype=np.int64)
+        for j in range(len(parent)):
+            node = j
+            while parent[node] >= 0:
+                node, depth[j] = int(parent[node]), depth[j] + 1
+                if depth[j] > len(parent):
+                    raise DataError("hierarchy has a cycle")
+        self.parent = parent
+        self._levels = [np.flatnonzero(depth == v) for v in range(1, int(depth.max(initial=0)) + 1)]
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.inner.classes_
+
+    @property
+    def multi_label(self) -> bool:
+        return True
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.inner.n_features_in_)
+
+    def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
+        """Root probabilities as ``inner`` gives them; children multiplied down level by level."""
+        proba = np.asarray(self.inner.predict_proba(X, exclude=exclude, tabular=tabular), dtype=np.float64)
+        for nodes in self._levels:  # parents are final before their children are touched
+            proba[:, nodes] *= proba[:, self.parent[nodes]]
+        return proba
+
+
 def _part_proba(part: Any, X: Any, exclude: Any, tabular: Any) -> np.ndarray:
     """A part's probabilities: stylegen heads take the shared contract's arguments, a plain
     scikit-learn estimator only ``X``."""
-    if isinstance(part, CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble):
+    if isinstance(part, CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble | CompiledCalibrated):
         return part.predict_proba(X, exclude=exclude, tabular=tabular)
     return part.predict_proba(X)
 
 
-Compiled = CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble
+Compiled = CompiledLinear | CompiledMLP | CompiledKNN | CompiledEnsemble | CompiledCalibrated
 
 
 # ---- files ---------------------------------------------------------------------------
 def _flatten(head: Compiled, prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The head's scalars as JSON; its arrays into ``arrays`` under ``prefix``."""
+    """The head's scalars as JSON; its arrays into ``arrays`` under ``prefix`` (a kNN head's
+    reference rows as float16 when they were rounded to it at fit)."""
     def put(name: str, value: np.ndarray) -> str:
         arrays[prefix + name] = np.asarray(value)
         return prefix + name
@@ -314,12 +416,16 @@ def _flatten(head: Compiled, prefix: str, arrays: dict[str, np.ndarray]) -> dict
                                for part in ("table", "body")} for i, net in enumerate(head.networks)]}
     elif isinstance(head, CompiledKNN):
         meta |= {"k": int(head.k), "temperature": float(head.temperature),
-                 "index": put("index", faiss.serialize_index(head.index)),
+                 "vectors": put("vectors", compact(reference_vectors(head.index))),
                  "targets": put("targets", head.targets_),
                  "prior": None if head.prior_ is None else put("prior", head.prior_)}
     elif isinstance(head, CompiledEnsemble):
         meta |= {"weight": float(head.weight_), "head": _flatten(head.head_, prefix + "head.", arrays),
                  "knn": _flatten(head.knn_, prefix + "knn.", arrays)}
+    elif isinstance(head, CompiledCalibrated):
+        meta |= {"temperature": float(head.temperature), "inner": _flatten(head.inner, prefix + "inner.", arrays)}
+    elif isinstance(head, CompiledHierarchy):
+        meta |= {"parent": put("parent", head.parent), "inner": _flatten(head.inner, prefix + "inner.", arrays)}
     else:
         raise DataError(f"cannot save a {type(head).__name__}")
     return meta
@@ -338,12 +444,18 @@ def _restore(meta: dict[str, Any], arrays: Any) -> Compiled:
                            None if table is None else arrays[table[0]],
                            None if table is None else arrays[table[1]], meta["tabular_columns"])
     if kind == "knn":
-        return CompiledKNN(classes, multi, faiss.deserialize_index(arrays[meta["index"]]),
+        # heads saved before the rows were kept plain hold a serialised faiss Flat index (data, not code)
+        index = flat_index(arrays[meta["vectors"]]) if "vectors" in meta else faiss.deserialize_index(arrays[meta["index"]])
+        return CompiledKNN(classes, multi, index,
                            arrays[meta["targets"]], int(meta["k"]), float(meta["temperature"]),
                            None if meta["prior"] is None else arrays[meta["prior"]])
     if kind == "ensemble":
         return CompiledEnsemble(classes, multi, _restore(meta["head"], arrays),
                                 _restore(meta["knn"], arrays), float(meta["weight"]))
+    if kind == "calibrated":
+        return CompiledCalibrated(_restore(meta["inner"], arrays), float(meta["temperature"]))
+    if kind == "hierarchy":
+        return CompiledHierarchy(_restore(meta["inner"], arrays), arrays[meta["parent"]])
     raise DataError(f"unknown compiled head kind {kind!r}")
 
 
@@ -351,11 +463,33 @@ def saveable(head: Any) -> bool:
     """Whether ``head`` is made only of compiled parts (an ensemble may hold any estimator)."""
     if isinstance(head, CompiledEnsemble):
         return saveable(head.head_) and saveable(head.knn_)
+    if isinstance(head, CompiledCalibrated):
+        return saveable(head.inner)
+    if isinstance(head, CompiledHierarchy):
+        return saveable(head.inner)
     return isinstance(head, CompiledLinear | CompiledMLP | CompiledKNN)
 
 
+def reference_vectors(index: Any) -> np.ndarray:
+    """The rows of an exact inner-product faiss index, as float32."""
+    if not isinstance(index, faiss.IndexFlat):
+        raise DataError(f"a kNN head keeps an exact (Flat) index, not {type(index).__name__}")
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
+
+
+def flat_index(vectors: np.ndarray) -> Any:
+    """An exact inner-product faiss index over ``vectors`` (rows as saved: already normalised)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index
+
+
 def save_compiled(head: Compiled, path: str | Path) -> None:
-    """Write ``head`` as one ``.npz`` of plain arrays (its layout in the ``meta`` entry)."""
+    """Write ``head`` as one ``.npz`` of plain arrays (its layout in the ``meta`` entry).
+
+    A kNN head's reference vectors are stored as plain rows (float16 when rounded to it at
+    fit) and its faiss index rebuilt on load: nothing but arrays is deserialised."""
     arrays: dict[str, np.ndarray] = {}
     meta = {"format": FORMAT, **_flatten(head, "", arrays)}
     with open(path, "wb") as f:

@@ -24,6 +24,7 @@ from stylegen.util.persist import VersionedFolder, atomic_write
 
 FORMAT = 2  # 2: NAME.npz + NAME.json, no pickle; 1: NAME.joblib (+ .joblib.predict.npz, .joblib.json)
 HEADS_DIR = "heads"  # an index's head sets: DIR/heads/set-N/ named in DIR/heads/CURRENT
+TRAIN_HASHES = "train_hashes.npz"  # a model's heads: content hashes of the covers they were fitted on
 
 
 def head_sets(root: str | Path) -> VersionedFolder:
@@ -170,6 +171,21 @@ def load_head(path: str | Path, *, expect_feature_id: str | None = None) -> Any:
     if type(head).__name__ != info.get("head") or classes != info.get("classes"):
         raise DataError(f"head {path.name} does not match its sidecar (saved by another run?)")
     return head
+
+
+def trained_hashes(folder: str | Path) -> frozenset[str]:
+    """Content hashes of the covers a model's heads were fitted on (empty: none recorded)."""
+    path = Path(folder) / TRAIN_HASHES
+    if not path.is_file():
+        return frozenset()
+    with np.load(path, allow_pickle=False) as z:
+        return frozenset(h.decode() for h in z["hashes"].tolist())
+
+
+def has_head_set(root: str | Path) -> bool:
+    """Whether the index at ``root`` has trained heads of its own."""
+    base = Path(root) / HEADS_DIR
+    return (base / "CURRENT").is_file() or (base / "heads.json").is_file()
 
 
 def read_head_set(root: str | Path) -> dict[str, Any]:

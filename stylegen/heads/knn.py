@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from stylegen.errors import DataError
 from stylegen.heads.compiled import CompiledKNN, vote, vote_multi
 from stylegen.sources.labels import decode_predictions, encode_targets
+from stylegen.util.numeric import half_exact
 
 __all__ = ["KNNHead", "vote", "vote_multi"]
 
@@ -41,7 +42,9 @@ class KNNHead(ClassifierMixin, BaseEstimator):
             raise DataError(f"k must be at least 1, got {self.k}")
         self.targets_, self.classes_ = encode_targets(y, self.multi_label, len(X))
         self.index_ = faiss.IndexFlatIP(X.shape[1])
-        self.index_.add(X)
+        # reference rows rounded to float16 values: they store in half the bytes (head sets,
+        # model bundles) and every vote is computed from exactly what is stored
+        self.index_.add(np.ascontiguousarray(half_exact(X)))
         self.n_features_in_ = X.shape[1]
         self.prior_ = self.targets_.mean(0) if self.multi_label else None
         return self

@@ -5,6 +5,12 @@ image + table model when tabular columns are given), ``knn`` (similarity-weighte
 and ``ensemble`` (head + kNN, weight chosen on validation data). ``heads.json`` records
 the labels, classes, taxonomy, training rows and a validation score for each head, and
 the index's ``feature_id``: heads are refused once the index's vectors change.
+
+Each head is calibrated (:mod:`stylegen.heads.calibration`: a temperature fitted on
+artist-disjoint out-of-fold predictions) and stored as its calibrated form; ``heads.json``
+records per head ``calibration`` (temperature, ECE before / after, folds) and, for the
+default method's head, the cross-validated ``precision_coverage`` table and
+``min_confidence``: the smallest threshold in 0.5..0.9 with precision >= 0.80.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from stylegen import heads as head_classes
 from stylegen.errors import DataError, StylegenError
+from stylegen.heads.calibration import CalibratedHead, fit_predict
 from stylegen.heads.io import head_sets, write_head_set
 from stylegen.index.store import Index, exclusive
 from stylegen.sources.labels import Taxonomy, multi_labels, single_labels
@@ -107,13 +114,23 @@ def _validation_score(head: Any, X: np.ndarray, y: Any, groups: np.ndarray, seed
     from sklearn.metrics import f1_score
 
     tr, va = next(GroupShuffleSplit(1, test_size=0.2, random_state=seed).split(X, groups=groups))
-    take = (lambda idx: y[idx]) if isinstance(y, np.ndarray) else (lambda idx: [y[i] for i in idx])
-    est = clone(head).fit(X[tr], take(tr), **{k: v[tr] for k, v in {**extra, **fit_kw}.items()})
-    proba = est.predict_proba(X[va], **{k: v[va] for k, v in extra.items()})
+    proba, est = fit_predict(head, X, y, tr, va, fit_kw, extra)
     pred = np.asarray(est.classes_)[np.argmax(proba, axis=1)]
     if isinstance(y, np.ndarray):
         return float(f1_score(y[va], pred, average="macro"))
-    return float(np.mean([p in take(va)[i] for i, p in enumerate(pred)]))
+    return float(np.mean([p in y[i] for i, p in zip(va, pred, strict=True)]))
+
+
+def _held_out_score(cal: CalibratedHead, y: Any) -> float:
+    """The validation score of a calibrated head's held-out predictions (before scaling: the
+    top class is the same): macro-F1, or for multi-label the share whose top class is a label."""
+    from sklearn.metrics import f1_score
+
+    rows = cal.held_rows_
+    pred = cal.target_classes_[np.argmax(cal.held_raw_, axis=1)]
+    if isinstance(y, np.ndarray):
+        return float(f1_score(y[rows], pred, average="macro"))
+    return float(np.mean([p in y[i] for i, p in zip(rows, pred, strict=True)]))
 
 
 def train(
@@ -125,8 +142,16 @@ def train(
     tabular_columns: Sequence[str] | None = None,
     seed: int = 0,
     validate: bool = True,
+    calibrate: bool | None = None,
+    calibration_folds: int = 1,
 ) -> dict[str, Any]:
     """Fit ``heads`` on the labelled covers of the index; returns what heads.json records.
+
+    ``validate``: score each head on a held-out split; ``calibrate`` (default: as
+    ``validate``): calibrate each head on held-out predictions, from the same artist-disjoint
+    80/20 split (``calibration_folds=1``: no fit beyond the validation one) or from K-fold
+    out-of-fold predictions (K extra fits per head). ``validate=False`` alone is a quick
+    train with neither.
 
     Holds the index's lock (:func:`~stylegen.index.store.exclusive`) from reading the vectors
     to naming the new head set, as ``embed`` does: two runs never write one index at once.
@@ -139,12 +164,12 @@ def train(
     with exclusive(root):
         clean_temporary(head_sets(root).base)  # what a killed train was writing
         return _train(Index.open(root, use_gpu=False), heads, labels, taxonomy, tabular, tabular_columns,
-                      seed, validate)
+                      seed, validate, validate if calibrate is None else calibrate, calibration_folds)
 
 
 def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path | None,
            tabular: np.ndarray | None, tabular_columns: Sequence[str] | None, seed: int,
-           validate: bool) -> dict[str, Any]:
+           validate: bool, calibrate: bool = False, calibration_folds: int = 1) -> dict[str, Any]:
     rows, y = labelled_rows(index.metadata, labels)
     rows, y, dropped = drop_rare(rows, y, min_count=3)
     if len(rows) < 4:
@@ -159,6 +184,7 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
     factory = make_heads(labels == "multi", seed, "hybrid" if extra else "image")
     tax = Taxonomy.load(taxonomy) if taxonomy else Taxonomy.default()
     scores: dict[str, float] = {}
+    calibration: dict[str, dict[str, Any]] = {}
     fitted_heads = {}
     for name in heads:
         head = factory[name]
@@ -166,25 +192,39 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
         # the ensemble picks its weight on an artist-disjoint split (kNN votes from an artist's
         # other covers would look too good); the MLP's early stopping did worse with one
         fit_groups = {"groups": groups} if isinstance(head, head_classes.EnsembleHead) else {}
-        if validate:
-            try:
-                scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
-            except (StylegenError, ValueError):  # too few covers for a held-out split
-                scores[name] = None
-        fitted = clone(head).fit(X, y, **kw, **fit_groups)
-        fitted_heads[name] = fitted
+        if calibrate:  # its held-out predictions also give the validation score: no extra fit
+            fitted = CalibratedHead(head, calibration_folds, seed).fit(X, y, cv_groups=groups, **kw, **fit_groups)
+            calibration[name] = fitted.calibration_
+            fitted_heads[name] = fitted.head_ if fitted.skipped else fitted  # T = 1: the head as it is
+            if validate:
+                scores[name] = None if fitted.skipped else round(_held_out_score(fitted, y), 4)
+        else:
+            if validate:
+                try:
+                    scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
+                except (StylegenError, ValueError):  # too few covers for a held-out split
+                    scores[name] = None
+            fitted = clone(head).fit(X, y, **kw, **fit_groups)
+            fitted_heads[name] = fitted
         classes = [str(c) for c in fitted.classes_]
     trainable = [h for h in ("linear", "mlp") if h in heads]
     default_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
+    method = default_method(heads, scores, default_head)
+    used = {"head": default_head}.get(method, method)  # the head the default method answers with
+    table = used_head.precision_coverage() if isinstance(used_head := fitted_heads.get(used), CalibratedHead) else None
     config = {
         "feature_id": index.feature_id,
         "labels": labels,
         "heads": list(heads),
         "default_head": default_head,
-        "default_method": default_method(heads, scores, default_head),
+        "default_method": method,
         "classes": classes,
         "dropped_classes": dropped,
         "validation_macro_f1" if labels == "single" else "validation_top1_in_labels": scores,
+        "calibration": calibration if calibrate else None,
+        # the default method's head: cross-fitted calibrated out-of-fold precision per threshold
+        "precision_coverage": table,
+        "min_confidence": calibration.get(used, {}).get("min_confidence"),
         "taxonomy": taxonomy_tree(tax, classes),
         "train_rows": [int(r) for r in rows],
         "tabular_columns": list(tabular_columns) if tabular_columns is not None else None,

@@ -32,7 +32,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from stylegen.config import EmbedConfig, Preprocess
-from stylegen.errors import IndexNotFoundError, StylegenError
+from stylegen.errors import IndexMismatchError, IndexNotFoundError, StylegenError
+from stylegen.index.bundle import Model, model_entry
 from stylegen.index.compress import Compressor, combine
 from stylegen.index.shards import RUN_COLUMNS, Shard, ingest_id, list_shards, write_shard
 from stylegen.index.store import (
@@ -131,12 +132,14 @@ class RawFeatures:
 
 def update_index(
     index_dir: str | Path, config: EmbedConfig | None = None, *, refit: bool = False,
-    max_sample: int = DEFAULT_MAX_SAMPLE,
+    max_sample: int = DEFAULT_MAX_SAMPLE, model: Model | None = None,
 ) -> BuildResult:
     """Bring the snapshot up to date with the shards: append, or fit when new / ``refit``.
 
     The caller holds the index lock (:func:`stylegen.index.store.exclusive`). ``config`` gives the
     compression and part weights of a new index (default: those the shards were ingested with).
+    ``model``: a new index takes the model bundle's frozen compressor instead of fitting one,
+    so it shares the model's vector space (its ``feature_id``; checked).
     """
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
@@ -163,7 +166,7 @@ def update_index(
     else:
         if config is None:
             config = existing.config if existing is not None else EmbedConfig.from_dict(shards[-1].info["config"])
-        feature_id = _fit_and_write(index_dir, existing, config, shards, new_rows, max_sample)
+        feature_id = _fit_and_write(index_dir, existing, config, shards, new_rows, max_sample, model)
         changed = existing is None or feature_id != existing.feature_id
     count = len(existing or []) + len(new_rows)
     return BuildResult(added=len(new_rows), count=count, refit=existing is None or refit, shards=len(fresh),
@@ -238,9 +241,9 @@ def _append(index_dir: Path, existing: Index, shards: list[Shard], new_rows: pd.
 
 
 def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig, shards: list[Shard],
-                   new_rows: pd.DataFrame, max_sample: int) -> str:
-    """Fit the compression on a seeded sample of every cover, transform all, write a snapshot;
-    returns its ``feature_id``."""
+                   new_rows: pd.DataFrame, max_sample: int, model: Model | None = None) -> str:
+    """Fit the compression on a seeded sample of every cover (or take ``model``'s), transform
+    all, write a snapshot; returns its ``feature_id``."""
     if existing is not None:
         old_loc = _locate(shards, existing.metadata["content_hash"].tolist())
         loc = pd.concat([old_loc, new_rows[list(_LOC)]], ignore_index=True)
@@ -249,10 +252,13 @@ def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig,
         loc, metadata = new_rows[list(_LOC)], _public(new_rows)
     if not len(loc):
         raise StylegenError(f"nothing to build in {index_dir}: no covers were ingested")
-    rng = np.random.default_rng(config.compression.seed)
-    sample = np.sort(rng.choice(len(loc), size=min(max_sample, len(loc)), replace=False))
-    # the gathered sample is a fresh array used only here: PCA centres it in place
-    compressor = Compressor.fit(_gather(shards, loc.iloc[sample]), config.compression, overwrite=True)
+    if model is not None:
+        compressor, sample = model.index.compressor, np.arange(0)
+    else:
+        rng = np.random.default_rng(config.compression.seed)
+        sample = np.sort(rng.choice(len(loc), size=min(max_sample, len(loc)), replace=False))
+        # the gathered sample is a fresh array used only here: PCA centres it in place
+        compressor = Compressor.fit(_gather(shards, loc.iloc[sample]), config.compression, overwrite=True)
     vectors = _transform(compressor, config.features.weights, shards, loc)
     info = shards[-1].info
     slices, start = {}, 0
@@ -260,6 +266,12 @@ def _fit_and_write(index_dir: Path, existing: Index | None, config: EmbedConfig,
         slices[part], start = (start, start + d), start + d
     fit = {"rows": len(loc), "sample": len(sample), "max_sample": max_sample, "seed": config.compression.seed}
     manifest = make_manifest(config, info, compressor, vectors, slices, fit, [s.name for s in shards])
+    if model is not None:
+        if manifest["feature_id"] != model.feature_id:
+            raise IndexMismatchError(f"these covers were embedded otherwise than model {model.name} expects "
+                                     "(other backbone weights or settings installed?)")
+        manifest["model"] = model_entry(model)
+        manifest["compression_fit"] = {"model": model.name}
     write_snapshot(index_dir, manifest, vectors, metadata, compressor)
     return manifest["feature_id"]
 

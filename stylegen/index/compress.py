@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stylegen.config import CompressionConfig
-from stylegen.util.numeric import matmul
+from stylegen.util.numeric import compact, half_exact, matmul
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int
         from sklearn.random_projection import GaussianRandomProjection
 
         rp = GaussianRandomProjection(n_components=dim, random_state=seed).fit(x[:1])
-        comps = np.asarray(rp.components_, np.float32)
+        comps = half_exact(rp.components_)
         return Projection(np.zeros(d_in, np.float32), comps, np.ones(dim, np.float32))
     from sklearn.decomposition import PCA
 
@@ -55,7 +55,7 @@ def fit_projection(x: np.ndarray, method: str, dim: int, whiten: bool, seed: int
               random_state=seed, copy=not overwrite).fit(x)
     scale = np.sqrt(pca.explained_variance_) if whiten else np.ones(k)
     return Projection(
-        pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
+        pca.mean_.astype(np.float32), half_exact(pca.components_),  # components: 256 x 17,824 for style
         np.maximum(scale, 1e-8).astype(np.float32),
     )
 
@@ -82,7 +82,7 @@ class Compressor:
         return {part: p.dim for part, p in self.parts.items()}
 
     def save(self, path: Path) -> None:
-        arrays = {f"{part}.{name}": getattr(p, name)
+        arrays = {f"{part}.{name}": compact(getattr(p, name)) if name == "components" else getattr(p, name)
                   for part, p in self.parts.items() for name in ("mean", "components", "scale")}
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -92,7 +92,8 @@ class Compressor:
     def load(cls, path: Path) -> Compressor:
         with np.load(path, allow_pickle=False) as z:
             names = sorted({k.split(".")[0] for k in z.files}, key=lambda p: ("style", "content").index(p))
-            return cls({p: Projection(z[f"{p}.mean"], z[f"{p}.components"], z[f"{p}.scale"]) for p in names})
+            return cls({p: Projection(z[f"{p}.mean"], z[f"{p}.components"].astype(np.float32), z[f"{p}.scale"])
+                        for p in names})
 
 
 def combine(parts: dict[str, np.ndarray], weights: dict[str, float]) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:

@@ -33,8 +33,9 @@ from stylegen.index.build import (
     open_current,
     update_index,
 )
+from stylegen.index.bundle import Model, open_model
 from stylegen.index.shards import RUN_COLUMNS, clean_partial, describe, list_shards, write_shard
-from stylegen.index.store import Index, exclusive
+from stylegen.index.store import Index, config_diff, exclusive
 from stylegen.sources import images
 from stylegen.util.persist import atomic_write, atomic_write_text
 from stylegen.util.tables import safe_frame
@@ -156,6 +157,7 @@ def embed(
     address: str | None = None,
     runtime: str = "auto",
     weights: str | None = None,
+    model: str | Path | None = None,
 ) -> EmbedReport:
     """Embed every new image of ``source`` into the index at ``index_dir``: ingest, then build.
 
@@ -167,7 +169,10 @@ def embed(
     ``config`` defaults to the existing index's settings (or the defaults for a new index);
     settings that differ from an existing index are refused. ``weights`` names the backbone
     weights to add covers to an existing index made with other than the packaged ones
-    (:meth:`~stylegen.index.store.Index.query_config`: an index's own record is never loaded). ``precision="auto"`` on an
+    (:meth:`~stylegen.index.store.Index.query_config`: an index's own record is never loaded).
+    ``model`` (a bundle's name or path, :mod:`stylegen.index.bundle`) makes a new index in the
+    model's vector space: its settings and frozen compressor, so the model's heads answer on
+    the index without training and similar search and genres share one space. ``precision="auto"`` on an
     existing index means the index's precision. ``workers`` decode processes and
     ``batch_size`` forward batch default by device (:func:`default_workers`,
     :func:`default_batch_size`). ``engine="ray"`` runs read/decode as Ray tasks and the
@@ -181,11 +186,14 @@ def embed(
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
     items = images.list_source(source)
+    bundle = open_model(model) if model is not None else None
     with exclusive(index_dir):
         clean_partial(index_dir)
         existing = open_current(index_dir)
         if existing is not None and config is not None:
             existing.check_compatible(config)
+        if bundle is not None:
+            config = _model_config(bundle, existing, config)
         config = config or (existing.config if existing is not None else default_config())
         report, todo = _plan(items, existing)
         built = set(existing.manifest.get("shards", [])) if existing is not None else set()
@@ -218,13 +226,27 @@ def embed(
             report.embed_seconds = time.perf_counter() - t1
             report.embedded = len(run)
             if list_shards(index_dir):
-                built_now = update_index(index_dir, config if existing is None else None)
+                built_now = update_index(index_dir, config if existing is None else None,
+                                         model=bundle if existing is None else None)
                 report.added, report.build_seconds = built_now.added, built_now.seconds
         final = open_current(index_dir)
         report.count = len(final) if final is not None else 0
         report.seconds = time.perf_counter() - t0
         _write_report(index_dir, report)
     return report
+
+
+def _model_config(bundle: Model, existing: Index | None, asked: EmbedConfig | None) -> EmbedConfig:
+    """The settings of an index made with ``bundle``: the model's own (others are refused)."""
+    if existing is not None:
+        if existing.feature_id != bundle.feature_id:
+            raise IndexMismatchError(f"index {existing.root} was not made with model {bundle.name}; "
+                                     "a model's index is made new (`--model` on a new --index)")
+        return existing.config
+    ours = bundle.index.config
+    if asked is not None and (diffs := config_diff(ours.to_dict(), asked.to_dict())):
+        raise StylegenError(f"an index made with model {bundle.name} takes the model's settings: {diffs[0]}")
+    return ours
 
 
 def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | None:

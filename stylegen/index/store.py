@@ -143,6 +143,31 @@ class MetadataTable:
             return self._file.read(columns=[name]).column(name).to_numpy(zero_copy_only=False)
 
 
+class _EmptyTable:
+    """The metadata of an index with no covers (a model bundle opened as an index)."""
+
+    columns: list[str] = ["image", "path", "genre", "genres", "content_hash"]
+    loaded = True
+
+    def __len__(self) -> int:
+        return 0
+
+    def whole(self) -> pd.DataFrame:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in self.columns})
+
+    def take(self, ids: Sequence[int]) -> pd.DataFrame:
+        if len(ids):
+            raise IndexError("this index holds no covers")
+        return self.whole()
+
+    def column(self, name: str) -> np.ndarray:
+        return np.array([], dtype=object)
+
+
+def empty_table() -> MetadataTable:
+    return _EmptyTable()  # type: ignore[return-value]  # the same reading interface
+
+
 def write_hash_table(path: Path, hashes: Sequence[str | None]) -> None:
     """``hashes.npy``: the content hashes (missing ones left out) sorted, ties by row, with
     their rows."""

@@ -32,6 +32,7 @@ from stylegen.errors import (
     BadImageError,
     DataError,
     IndexMismatchError,
+    IndexNotFoundError,
     ModelNotFoundError,
     StylegenError,
     UnknownCoverError,
@@ -42,6 +43,8 @@ from stylegen.sources import images
 from stylegen.sources.labels import Taxonomy
 
 QueryItem = str | Path | bytes | Image.Image | int
+NO_COVERS = ("similar covers need an index of your own covers: run `stylegen embed FOLDER --index indexes/mine`, "
+             "then pass --index indexes/mine")
 
 
 @dataclass
@@ -93,19 +96,54 @@ class Engine:
 
     ``weights``: the backbone weights file or tag to embed queries with, for an index made
     with other than the packaged weights (:meth:`stylegen.index.store.Index.query_config`).
+    ``heads_root``: where the heads come from (a model bundle; None: the index's own);
+    ``graph``: an exported featurizer shipped with the model (None: export on first use).
     """
 
     index: Index
     device: str = "auto"
     weights: str | None = None
+    heads_root: Path | None = None
+    graph: Path | None = None
     _featurizer: Any = field(default=None, repr=False)
     _heads: dict[str, Any] = field(default_factory=dict, repr=False)
     _head_config: dict[str, Any] | None = field(default=None, repr=False)
     _raw: Any = field(default=None, repr=False)  # RawFeatures of the index, made on first use
 
     @classmethod
-    def open(cls, index_dir: str | Path, device: str = "auto", weights: str | None = None) -> Engine:
-        return cls(Index.open(index_dir), device=device, weights=weights)
+    def open(cls, index_dir: str | Path | None = None, device: str = "auto", weights: str | None = None,
+             model: str | Path | None = None) -> Engine:
+        """An index and/or a model bundle (``model``: a name or path, :mod:`stylegen.index.bundle`).
+
+        No index: the model alone answers genres (None: the shipped default model). An index
+        answers similar covers and genres with its own heads, or with ``model``'s heads, or,
+        when it has none, with those of the installed model it was made with (looked up by
+        name, never by a path the index names). A model's heads need the index to share its
+        vector space (``stylegen embed SRC --index DIR --model NAME``).
+        """
+        from stylegen.heads.io import has_head_set
+        from stylegen.index.bundle import open_model
+
+        if index_dir is None:
+            m = open_model(model)
+            return cls(m.index, device=device, weights=weights, heads_root=m.root, graph=m.graph)
+        index = Index.open(index_dir)
+        recorded = str((index.manifest.get("model") or {}).get("name", ""))
+        if model is None and recorded and "/" not in recorded and "\\" not in recorded \
+                and not has_head_set(index_dir):
+            model = recorded
+        if model is None:
+            return cls(index, device=device, weights=weights)
+        m = open_model(model)
+        if m.feature_id != index.feature_id:
+            raise IndexMismatchError(f"index {index_dir} was not made with model {m.name} "
+                                     f"(make it with `stylegen embed SRC --index DIR --model {m.name}`)")
+        return cls(index, device=device, weights=weights, heads_root=m.root, graph=m.graph)
+
+    @property
+    def has_covers(self) -> bool:
+        """Whether there are covers to search (a model bundle alone has none)."""
+        return len(self.index) > 0
 
     # ---- the one query path ------------------------------------------------------------
     def query(self, item: QueryItem, *, top: int = 3, method: str | None = None, k: int = 0,
@@ -134,6 +172,8 @@ class Engine:
         ``explain``: fill each result's ``explanation`` (kNN voters, per-tap leave-out)."""
         if by not in BY:
             raise StylegenError(f"by must be one of {', '.join(BY)}, got {by!r}")
+        if k > 0 and not self.has_covers:
+            raise IndexNotFoundError(NO_COVERS)
         if tabular is not None and len(tabular) != len(items):
             raise DataError(f"tabular has {len(tabular)} rows for {len(items)} images")
         read = [self._read(item, None if labels is None else labels[i]) for i, item in enumerate(items)]
@@ -219,7 +259,7 @@ class Engine:
             from stylegen.featurize.runtime import load_featurizer
 
             self._featurizer = load_featurizer(self.index.query_config(self.weights), self.device,
-                                               self.index.manifest.get("precision", "auto"))
+                                               self.index.manifest.get("precision", "auto"), graph=self.graph)
             if self._featurizer.backbone.weights_id != self.index.manifest["backbone"]["weights_id"]:
                 raise IndexMismatchError("the installed backbone weights differ from the index's")
         return self._featurizer
@@ -236,7 +276,7 @@ class Engine:
         if self._head_config is None:
             from stylegen.heads.io import read_head_set
 
-            cfg = read_head_set(self.index.root)
+            cfg = read_head_set(self.heads_root or self.index.root)
             if cfg["feature_id"] != self.index.feature_id:
                 raise IndexMismatchError("the heads were trained before the index changed; run `stylegen train` again")
             self._head_config = cfg
@@ -268,6 +308,13 @@ class Engine:
         if method not in METHODS:
             raise StylegenError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         return method, {"head": self.head_config["default_head"], "knn": "knn", "ensemble": "ensemble"}[method]
+
+    def min_confidence(self, method: str | None = None) -> float | None:
+        """The smallest top probability at which the head ``method`` answers with was right at
+        least 80% of the time out of fold, as ``stylegen train`` recorded it (None: not recorded)."""
+        name = self.head_name(method)[1]
+        found = ((self.head_config.get("calibration") or {}).get(name) or {}).get("min_confidence")
+        return None if found is None else float(found)
 
     def predict_proba(self, vectors: np.ndarray, method: str | None = None, *,
                       rows: Sequence[int | None] | None = None,

@@ -138,6 +138,23 @@ class Taxonomy:
         text = resources.files("stylegen").joinpath("data/taxonomy.yaml").read_text("utf-8")
         return cls.from_tree(yaml.safe_load(text))
 
+    @classmethod
+    def discogs(cls) -> Taxonomy:
+        """The packaged Discogs list (``stylegen/data/taxonomy_discogs.json``): 15 genres and
+        400 styles named ``Genre---Style``, since Discogs files some style names (Disco, Dub,
+        Electro, Ska, ...) under two genres."""
+        text = resources.files("stylegen").joinpath("data/taxonomy_discogs.json").read_text("utf-8")
+        return cls.from_tree(json.loads(text))
+
+    @classmethod
+    def named(cls, spec: str | Path | None) -> Taxonomy:
+        """``None`` or ``"default"``: :meth:`default`; ``"discogs"``: :meth:`discogs`; else a file."""
+        if spec is None or str(spec) == "default":
+            return cls.default()
+        if str(spec) == "discogs":
+            return cls.discogs()
+        return cls.load(spec)
+
     def __contains__(self, genre: object) -> bool:
         return genre in self.parents
 
@@ -244,6 +261,52 @@ def map_to_taxonomy(
             else:
                 mapped.append(taxonomy.ancestor(name, level))
         out.append(list(dict.fromkeys(mapped)))
+    return out
+
+
+STYLE_SEP = "---"  # Discogs styles are written ``Genre---Style``
+
+
+def column_labels(df: pd.DataFrame, columns: str | Sequence[str]) -> list[list[str]]:
+    """Per row, the union of the ``|``-separated labels in ``columns`` (e.g. ``genres`` and
+    ``styles``), first occurrence first."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    if missing := [c for c in columns if c not in df.columns]:
+        raise DataError(f"no label column {missing[0]!r}; columns: {', '.join(map(str, df.columns))}")
+    cells = [[split_genres(v) for v in df[c]] for c in columns]
+    return [list(dict.fromkeys(g for parts in row for g in parts)) for row in zip(*cells)]
+
+
+def label_parent(label: str, taxonomy: Taxonomy) -> str | None:
+    """The taxonomy's parent of ``label``; for a ``Genre---Style`` the taxonomy lacks, its
+    genre when the taxonomy knows that; else None (a root, or unknown)."""
+    if (name := taxonomy.find(label)) is not None:
+        return taxonomy.parent(name)
+    genre, sep, _ = label.partition(STYLE_SEP)
+    return taxonomy.find(genre) if sep else None
+
+
+def label_closure(
+    label_lists: Sequence[Sequence[str]], taxonomy: Taxonomy, keep_unknown: bool = False
+) -> list[list[str]]:
+    """Each label list with every label's ancestors added (``rock---hard rock`` implies
+    ``rock``), names spelled as the taxonomy spells them, ancestors first.
+
+    A ``Genre---Style`` the taxonomy lacks still implies its genre; it is itself kept only
+    with ``keep_unknown`` (as is any other unknown label, as a root)."""
+    out = []
+    for labels in label_lists:
+        closed: list[str] = []
+        for label in labels:
+            name = taxonomy.find(label)
+            if name is not None:
+                closed += taxonomy.path(name)
+                continue
+            if (parent := label_parent(label, taxonomy)) is not None:
+                closed += taxonomy.path(parent)
+            if keep_unknown:
+                closed.append(label)
+        out.append(list(dict.fromkeys(closed)))
     return out
 
 

@@ -82,6 +82,7 @@ def write_folder(parent: Path, name: str, fill: Callable[[Path], Any]) -> Path:
     it was named anywhere; that one is replaced."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide an index or a shipped model from other users
     final = parent / name
     try:
         fill(tmp)
