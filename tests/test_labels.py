@@ -215,3 +215,17 @@ def test_the_stored_taxonomy_spells_genres_as_the_data_does():
     tax = Taxonomy.from_tree(tree)
     assert "hiphop" in tax and "hip-hop" not in tax and "noise" in tax
     assert tax.parent("trap") == "hiphop" and tax.path("hiphop") == ["hiphop"]
+
+
+def test_covers_are_grouped_by_artist_else_by_artist_group():
+    """The Discogs covers carry ``artist_group``, not ``artist``: CV and validation splits must
+    keep a group on one side (grouping by row would let an artist's covers vote for each other)."""
+    from stylegen.heads.train import artist_groups
+
+    discogs = pd.DataFrame({"artist_group": ["block000", "block000", "block001"], "album": ["a", "b", "c"]})
+    assert artist_groups(discogs).tolist() == ["block000", "block000", "block001"]
+    both = pd.DataFrame({"artist": ["Abba", None, "abba "], "artist_group": ["x", "y", "z"]})
+    assert artist_groups(both).tolist() == ["abba", "#row1", "abba"]
+    assert artist_groups(both, "artist_group").tolist() == ["x", "y", "z"]
+    with pytest.raises(DataError, match="no column 'label'"):
+        artist_groups(both, "label")

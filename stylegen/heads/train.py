@@ -77,9 +77,16 @@ def default_method(heads: Sequence[str], scores: dict[str, float | None], defaul
     return next(iter(trained), "knn")
 
 
-def artist_groups(meta: pd.DataFrame) -> np.ndarray:
-    """Group id per row: the artist where known, else the row itself (one cover, one group)."""
-    artist = meta["artist"].fillna("").astype(str).to_numpy() if "artist" in meta else np.full(len(meta), "")
+GROUP_COLUMNS = ("artist", "artist_group")  # what keeps an artist's covers on one side of a split
+
+
+def artist_groups(meta: pd.DataFrame, column: str | None = None) -> np.ndarray:
+    """Group id per row: ``column``'s value (default: ``artist``, else ``artist_group`` as in
+    the Discogs covers) where known, else the row itself (one cover, one group)."""
+    if column is not None and column not in meta:
+        raise DataError(f"no column {column!r} to group covers by (columns: {', '.join(map(str, meta.columns))})")
+    found = [c for c in ([column] if column else GROUP_COLUMNS) if c in meta and meta[c].notna().any()]
+    artist = meta[found[0]].fillna("").astype(str).to_numpy() if found else np.full(len(meta), "")
     return np.array([a.strip().lower() or f"#row{i}" for i, a in enumerate(artist)])
 
 
