@@ -153,7 +153,9 @@ def train(
     for name, cal in (cfg.get("calibration") or {}).items():
         typer.echo(f"  {name:9s} calibration skipped: {cal['skipped']}" if "skipped" in cal else
                    f"  {name:9s} calibration: temperature {cal['temperature']:.3g}, expected calibration error "
-                   f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f} ({cal['folds']} artist-disjoint folds)")
+                   f"{cal['ece_before']:.3f} -> {cal['ece_after']:.3f} ("
+                   + ("the artist-disjoint validation split" if cal["folds"] == 1 else
+                      f"{cal['folds']} artist-disjoint folds") + ")")
     if cfg.get("precision_coverage"):
         found = cfg["min_confidence"]
         typer.echo(f"  library tag threshold for {cfg['default_method']}: " + (
