@@ -149,30 +149,30 @@ def label_matrix(Y_true: Any, classes: Sequence[str]) -> np.ndarray:
 
 
 def best_threshold(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
-                   grid: Sequence[float] | None = None) -> float:
+                   grid: Sequence[float] | None = None, per_class: bool = False) -> float | np.ndarray:
     """The one threshold (from ``grid``, default 0.02..0.98) with the best macro-F1 over the
-    classes that have a positive; choose it on training rows, then apply it to test rows."""
-    Y = label_matrix(Y_true, classes)
+    classes that have a positive, or with ``per_class`` each class's best F1 threshold (0.5
+    for a class without positives); choose on training rows, then apply to test rows."""
+    Y = label_matrix(Y_true, classes).astype(bool)
     proba = _check_proba(proba, len(Y), classes)
     used = Y.sum(axis=0) > 0
-    if not used.any():
+    if not used.any() and not per_class:
         raise DataError("no class has a positive row: no threshold to choose")
     grid = np.arange(0.02, 0.99, 0.02) if grid is None else np.asarray(grid, dtype=np.float64)
-    Y, proba = Y[:, used].astype(bool), proba[:, used]
-    best, best_f1 = float(grid[0]), -1.0
-    for t in grid:
+    f1 = np.empty((len(grid), Y.shape[1]))
+    for i, t in enumerate(grid):
         pred = proba >= t
-        tp = (pred & Y).sum(axis=0)
-        f1 = np.mean(2 * tp / np.maximum(pred.sum(axis=0) + Y.sum(axis=0), 1))
-        if f1 > best_f1 + 1e-12:
-            best, best_f1 = float(t), float(f1)
-    return best
+        f1[i] = 2 * (pred & Y).sum(axis=0) / np.maximum(pred.sum(axis=0) + Y.sum(axis=0), 1)
+    if per_class:  # argmax keeps the first (lowest) of equal thresholds
+        return np.where(used, grid[np.argmax(f1, axis=0)], 0.5)
+    return float(grid[np.argmax(f1[:, used].mean(axis=1))])
 
 
 def level_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str], min_support: int = 1,
-                  threshold: float = 0.5) -> dict[str, Any]:
-    """Macro-AUROC, macro-AP and macro-F1 (at ``threshold``) over the classes with at least
-    ``min_support`` positive rows (and at least one negative); per-class values too."""
+                  threshold: float | Sequence[float] = 0.5) -> dict[str, Any]:
+    """Macro-AUROC, macro-AP and macro-F1 (at ``threshold``: one, or one per class) over the
+    classes with at least ``min_support`` positive rows (and at least one negative);
+    per-class values too."""
     classes = [str(c) for c in classes]
     Y = label_matrix(Y_true, classes)
     proba = _check_proba(proba, len(Y), classes)
@@ -182,7 +182,8 @@ def level_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str], min_su
             "auroc": float(roc_auc_score(Y[:, j], proba[:, j])) if scored[j] else None,
             "ap": float(average_precision_score(Y[:, j], proba[:, j])) if scored[j] else None}
            for j, c in enumerate(classes)]
-    pred = proba[:, scored] >= threshold
+    cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(classes),))
+    pred = proba[:, scored] >= cut[scored]
     tp = (pred & (Y[:, scored] > 0)).sum(axis=0)
     f1 = 2 * tp / np.maximum(pred.sum(axis=0) + pos[scored], 1)
     auroc, ap = ([p[key] for p in per if p[key] is not None] for key in ("auroc", "ap"))
@@ -190,7 +191,7 @@ def level_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str], min_su
             "macro_auroc": float(np.mean(auroc)) if auroc else None,
             "macro_ap": float(np.mean(ap)) if ap else None,
             "macro_f1": float(f1.mean()) if scored.any() else None,
-            "threshold": float(threshold), "per_class": per}
+            "threshold": float(cut[0]) if np.ndim(threshold) == 0 else cut.tolist(), "per_class": per}
 
 
 def hierarchy_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str],

@@ -25,6 +25,7 @@ from typing import Any
 _WHERE = {
     "EnsembleHead": "ensemble",
     "HierarchicalHead": "hierarchical",
+    "HierarchyHead": "hierarchy",
     "load_head": "io",
     "load_predictor": "io",
     "read_head_info": "io",

@@ -343,10 +343,14 @@ class CompiledHierarchy:
     root's probability and a child's probability given its parent; a child's probability is
     then ``p(parent) * p(child | parent)``, so no parent falls below any of its children.
     ``parent[j]`` is node ``j``'s parent column, -1 for a root (fitted by
-    :mod:`stylegen.heads.hierarchy`)."""
+    :mod:`stylegen.heads.hierarchy`). With ``knn`` (a multi-label kNN over the roots) a root's
+    probability is first ``(1 - knn_weight) * inner + knn_weight * vote``; ``exclude`` reaches
+    the vote."""
 
     inner: Any
     parent: np.ndarray  # (k,) int
+    knn: Any = None
+    knn_weight: float = 0.0
 
     kind = "hierarchy"
 
@@ -377,8 +381,13 @@ class CompiledHierarchy:
         return int(self.inner.n_features_in_)
 
     def predict_proba(self, X: Any, exclude: Any = None, tabular: Any = None) -> np.ndarray:
-        """Root probabilities as ``inner`` gives them; children multiplied down level by level."""
+        """Root probabilities (``inner``'s, blended with the kNN vote when there is one);
+        children multiplied down level by level."""
         proba = np.asarray(self.inner.predict_proba(X, exclude=exclude, tabular=tabular), dtype=np.float64)
+        if self.knn is not None and self.knn_weight > 0:
+            roots = np.flatnonzero(self.parent < 0)
+            vote = align_columns(self.knn.predict_proba(X, exclude=exclude), self.knn.classes_, self.classes_[roots])
+            proba[:, roots] = (1 - self.knn_weight) * proba[:, roots] + self.knn_weight * vote
         for nodes in self._levels:  # parents are final before their children are touched
             proba[:, nodes] *= proba[:, self.parent[nodes]]
         return proba
@@ -425,7 +434,9 @@ def _flatten(head: Compiled, prefix: str, arrays: dict[str, np.ndarray]) -> dict
     elif isinstance(head, CompiledCalibrated):
         meta |= {"temperature": float(head.temperature), "inner": _flatten(head.inner, prefix + "inner.", arrays)}
     elif isinstance(head, CompiledHierarchy):
-        meta |= {"parent": put("parent", head.parent), "inner": _flatten(head.inner, prefix + "inner.", arrays)}
+        meta |= {"parent": put("parent", head.parent), "inner": _flatten(head.inner, prefix + "inner.", arrays),
+                 "knn": None if head.knn is None else _flatten(head.knn, prefix + "knn.", arrays),
+                 "knn_weight": float(head.knn_weight)}
     else:
         raise DataError(f"cannot save a {type(head).__name__}")
     return meta
@@ -455,7 +466,9 @@ def _restore(meta: dict[str, Any], arrays: Any) -> Compiled:
     if kind == "calibrated":
         return CompiledCalibrated(_restore(meta["inner"], arrays), float(meta["temperature"]))
     if kind == "hierarchy":
-        return CompiledHierarchy(_restore(meta["inner"], arrays), arrays[meta["parent"]])
+        knn = None if meta.get("knn") is None else _restore(meta["knn"], arrays)
+        return CompiledHierarchy(_restore(meta["inner"], arrays), arrays[meta["parent"]], knn,
+                                 float(meta.get("knn_weight", 0.0)))
     raise DataError(f"unknown compiled head kind {kind!r}")
 
 
@@ -466,7 +479,7 @@ def saveable(head: Any) -> bool:
     if isinstance(head, CompiledCalibrated):
         return saveable(head.inner)
     if isinstance(head, CompiledHierarchy):
-        return saveable(head.inner)
+        return saveable(head.inner) and (head.knn is None or saveable(head.knn))
     return isinstance(head, CompiledLinear | CompiledMLP | CompiledKNN)
 
 

@@ -1,0 +1,232 @@
+"""Hierarchical multi-label head: label closure, parent >= child, compiled form, rare styles
+borrowing from their genre, and the per-level metrics on hand-worked examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
+
+from stylegen.errors import DataError
+from stylegen.evaluation.metrics import (
+    best_threshold,
+    hierarchy_metrics,
+    label_matrix,
+    level_metrics,
+    parent_child_gap,
+)
+from stylegen.heads.compiled import CompiledHierarchy, load_compiled, save_compiled
+from stylegen.heads.hierarchy import HierarchyHead, node_depths
+from stylegen.sources.labels import Taxonomy, column_labels, label_closure, label_parent
+
+GENRES = {"a": ["a---x", "a---y"], "b": ["b---z", "b---w"], "c": ["c---v"]}
+DIM = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def planted(n: int, seed: int, rare: int = 0) -> tuple[np.ndarray, list[list[str]]]:
+    """Vectors = genre mean + style offset + noise; a row carries one style (or, one row in
+    five, only its genre); ``rare`` extra rows of genre ``a`` carry style ``a---rare``."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(7).normal(size=(len(GENRES), DIM))
+    offsets = {s: np.random.default_rng(11 + i).normal(size=DIM)
+               for i, s in enumerate(s for styles in GENRES.values() for s in styles)}
+    names = list(GENRES)
+    X, y = [], []
+    for i in range(n + rare):
+        g = 0 if i >= n else int(rng.integers(len(names)))
+        style = "a---rare" if i >= n else str(rng.choice(GENRES[names[g]]))
+        vec = means[g] + (0.0 if i >= n else 0.8 * offsets[style]) + rng.normal(scale=0.8, size=DIM)
+        X.append(vec)
+        y.append([names[g]] if (i < n and rng.random() < 0.2) else [style])
+    return np.asarray(X, np.float32), y
+
+
+def columns(head: HierarchyHead, *names: str) -> list[int]:
+    classes = [str(c) for c in head.classes_]
+    return [classes.index(n) for n in names]
+
+
+# ---- labels ---------------------------------------------------------------------------
+def test_closure_adds_genres_in_taxonomy_spelling():
+    tax = Taxonomy.discogs()
+    closed = label_closure([["Rock---Hard Rock", "Jazz"], ["Electronic---Disco"], ["Funk / Soul---Disco"],
+                            ["Rock---No Such Style"], ["nonsense"]], tax)
+    assert closed == [["rock", "rock---hard rock", "jazz"], ["electronic", "electronic---disco"],
+                      ["funk / soul", "funk / soul---disco"], ["rock"], []]
+    kept = label_closure([["Rock---No Such Style"], ["nonsense"]], tax, keep_unknown=True)
+    assert kept == [["rock", "Rock---No Such Style"], ["nonsense"]]
+    assert label_parent("Rock---No Such Style", tax) == "rock"
+    assert label_parent("rock", tax) is None
+
+
+def test_packaged_discogs_taxonomy_and_named():
+    tax = Taxonomy.named("discogs")
+    assert len(tax.roots) == 15 and len(tax.leaves) == 400
+    assert all(tax.level_of(s) == 1 and s.startswith(tax.parent(s) + "---") for s in tax.leaves)
+    assert tax.parent("electronic---dub") == "electronic" and tax.parent("reggae---dub") == "reggae"
+    assert Taxonomy.named(None).roots == Taxonomy.default().roots
+
+
+def test_named_taxonomy_file(tmp_path):
+    (tmp_path / "t.json").write_text('{"Rock": ["Rock---Punk"]}')
+    assert Taxonomy.named(tmp_path / "t.json").parent("rock---punk") == "rock"
+
+
+def test_column_labels_union():
+    df = pd.DataFrame({"genres": ["Rock|Pop", None], "styles": ["Rock---Punk|Rock---Punk", "Jazz---Swing"]})
+    assert column_labels(df, ["genres", "styles"]) == [["rock", "pop", "rock---punk"], ["jazz---swing"]]
+    assert column_labels(df, "styles") == [["rock---punk"], ["jazz---swing"]]
+    with pytest.raises(DataError, match="no label column"):
+        column_labels(df, ["genre"])
+
+
+# ---- head -----------------------------------------------------------------------------
+def test_head_learns_both_levels_from_styles_alone():
+    X, y = planted(600, seed=0)
+    head = HierarchyHead(C=1.0, C_child=1.0).fit(X, y)
+    assert set(head.levels_) == {"genre", "style"}
+    assert head.levels_["genre"] == ["a", "b", "c"]  # genres exist through the closure
+    Xt, yt = planted(300, seed=1)
+    proba = head.predict_proba(Xt)
+    Y = label_matrix(label_closure(yt, Taxonomy.from_tree(GENRES)), head.classes_)
+    for name in ("a", "b", "a---x", "b---w"):
+        j = columns(head, name)[0]
+        assert roc_auc_score(Y[:, j], proba[:, j]) > 0.9, name
+
+
+def test_parent_never_below_child_on_any_input(rng):
+    X, y = planted(300, seed=2, rare=2)
+    head = HierarchyHead(C=10.0, C_child=10.0, shrink=0.0).fit(X, y)
+    wild = np.concatenate([rng.normal(size=(200, DIM)), 100 * rng.normal(size=(200, DIM)),
+                           np.zeros((1, DIM))]).astype(np.float32)
+    proba = head.predict_proba(wild)
+    assert parent_child_gap(proba, head.classes_, head.parents_) <= 0
+    assert ((proba >= 0) & (proba <= 1)).all()
+    # the conditional really is below 1 somewhere: children are not just copies of parents
+    a, ax = columns(head, "a", "a---x")
+    assert (proba[:, ax] < proba[:, a] - 1e-3).any()
+
+
+def test_compiled_round_trip_is_identical(tmp_path):
+    X, y = planted(300, seed=3, rare=1)
+    head = HierarchyHead(taxonomy=Taxonomy.from_tree(GENRES)).fit(X, y)
+    compiled = head.compile()
+    assert isinstance(compiled, CompiledHierarchy) and compiled.multi_label
+    save_compiled(compiled, tmp_path / "h.npz")
+    loaded = load_compiled(tmp_path / "h.npz")
+    assert loaded.kind == "hierarchy" and list(loaded.classes_) == list(head.classes_)
+    Xq = planted(50, seed=4)[0]
+    assert np.array_equal(loaded.predict_proba(Xq), head.predict_proba(Xq))
+    with np.load(tmp_path / "h.npz", allow_pickle=False) as z:  # plain arrays only
+        assert all(z[k].dtype != object for k in z.files)
+
+
+@pytest.mark.parametrize("n_rare", [1, 2])
+def test_rare_style_follows_its_genre(rng, n_rare):
+    X, y = planted(400, seed=5, rare=n_rare)
+    head = HierarchyHead().fit(X, y)
+    a, rare, ax = columns(head, "a", "a---rare", "a---x")
+    Xq = np.concatenate([planted(100, seed=6)[0], rng.normal(size=(50, DIM))]).astype(np.float32)
+    proba = head.predict_proba(Xq)
+    n_a = sum("a" in labels for labels in label_closure(y, Taxonomy.from_tree(GENRES)))
+    # p(rare) = p(a) * its smoothed share of a's covers, on every input
+    np.testing.assert_allclose(proba[:, rare], proba[:, a] * (n_rare + 0.5) / (n_a + 1), rtol=1e-9)
+    assert head.weight_[rare] == 0 and head.weight_[ax] > 0
+    # a style with its own examples does not merely follow its genre
+    assert np.std(proba[:, ax] / proba[:, a]) > 0.01
+
+
+def test_shrinkage_pulls_a_small_style_toward_its_genre():
+    X, y = planted(400, seed=8, rare=6)
+    loose, tight = (HierarchyHead(shrink=s, C_child=1.0).fit(X, y) for s in (0.0, 1e6))
+    Xq = planted(100, seed=9)[0]
+    ratios = [h.predict_proba(Xq)[:, columns(h, "a---rare")[0]] / h.predict_proba(Xq)[:, columns(h, "a")[0]]
+              for h in (loose, tight)]
+    assert np.std(ratios[1]) < 0.1 * np.std(ratios[0])
+
+
+def test_knn_vote_moves_only_the_roots_and_leaves_a_fitted_cover_out():
+    X, y = planted(300, seed=13)
+    with_knn, without = HierarchyHead(knn_weight=0.5).fit(X, y), HierarchyHead(knn_weight=0.0).fit(X, y)
+    a, ax = columns(with_knn, "a", "a---x")
+    p, q = with_knn.predict_proba(X[:20]), without.predict_proba(X[:20])
+    assert np.abs(p[:, a] - q[:, a]).max() > 0.01
+    np.testing.assert_allclose(p[:, ax] / p[:, a], q[:, ax] / q[:, a], rtol=1e-9)  # same conditional
+    own = with_knn.predict_proba(X[:20], exclude=np.arange(20))
+    assert np.abs(own[:, a] - p[:, a]).max() > 1e-3  # its own vote no longer counts
+    np.testing.assert_allclose(without.predict_proba(X[:20], exclude=np.arange(20)), q)
+
+
+def test_head_contract_and_errors():
+    X, y = planted(200, seed=10)
+    head = HierarchyHead()
+    assert clone(head).fit(X, y) is not head
+    fitted = head.fit(X, y, tabular=None, groups=np.arange(len(y)))
+    assert fitted is head and fitted.n_features_in_ == DIM
+    p = head.predict_proba(X[:5], exclude=np.full(5, -1), tabular=None)
+    assert p.shape == (5, len(head.classes_))
+    assert all(set(labels) <= set(head.classes_) for labels in head.predict(X[:5]))
+    with pytest.raises(DataError, match="list of labels"):
+        HierarchyHead().fit(X, ["a"] * len(X))
+    with pytest.raises(DataError):
+        head.predict_proba(X[:, :3])
+
+
+def test_discogs_taxonomy_head_keeps_unknown_style_under_its_genre():
+    X, y = planted(200, seed=12)
+    y = [[{"a": "Rock", "b": "Jazz", "c": "Pop"}[lab.partition("---")[0]] + "---made up " + lab[-1]
+          if "---" in lab else {"a": "Rock", "b": "Jazz", "c": "Pop"}[lab] for lab in labels] for labels in y]
+    head = HierarchyHead("discogs").fit(X, y)
+    assert head.parents_["Rock---made up x"] == "rock" and "Rock---made up x" in head.unknown_
+    assert head.parents_["rock"] is None
+
+
+def test_node_depths_and_cycles():
+    assert node_depths(np.array([-1, 0, 1, -1])).tolist() == [0, 1, 2, 0]
+    with pytest.raises(DataError, match="cycle"):
+        node_depths(np.array([1, 0]))
+
+
+# ---- per-level metrics ------------------------------------------------------------------
+HAND_Y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+HAND_P = np.array([[0.9, 0.2, 0.1], [0.8, 0.6, 0.1], [0.3, 0.4, 0.1], [0.1, 0.1, 0.1]])
+
+
+def test_level_metrics_by_hand():
+    m = level_metrics(HAND_Y, HAND_P, ["a", "b", "c"])
+    # a: positives 0.9, 0.3 vs negatives 0.8, 0.1 -> 3 of 4 pairs; AP (1 + 2/3) / 2. b: perfect.
+    assert m["n_classes"] == 2  # c has no positive
+    assert m["macro_auroc"] == pytest.approx((0.75 + 1.0) / 2)
+    assert m["macro_ap"] == pytest.approx(((1 + 2 / 3) / 2 + 1.0) / 2)
+    # at 0.5: a predicts rows 0, 1 (F1 2*1/(2+2) = 0.5); b predicts row 1 (F1 1)
+    assert m["macro_f1"] == pytest.approx(0.75)
+    only_a = level_metrics(HAND_Y, HAND_P, ["a", "b", "c"], min_support=2, threshold=0.25)
+    assert only_a["n_classes"] == 1 and only_a["macro_auroc"] == pytest.approx(0.75)
+    assert only_a["macro_f1"] == pytest.approx(2 * 2 / (3 + 2))  # rows 0, 1, 2 predicted
+
+
+def test_hierarchy_metrics_and_threshold_and_gap():
+    lists = [["a"], ["b"], ["a"], []]
+    levels = {"genre": ["a"], "style": ["b", "c"]}
+    out = hierarchy_metrics(lists, HAND_P, ["a", "b", "c"], levels, thresholds={"genre": 0.5, "style": 0.5})
+    assert out["genre"]["macro_auroc"] == pytest.approx(0.75)
+    assert out["style"]["macro_auroc"] == pytest.approx(1.0) and out["style"]["n_classes"] == 1
+    with pytest.raises(DataError, match="lack"):
+        hierarchy_metrics(lists, HAND_P, ["a", "b", "c"], {"genre": ["z"]})
+    # b alone: any threshold in (0.4, 0.6] separates it perfectly; the grid's first such is 0.42
+    assert best_threshold(HAND_Y[:, [1]], HAND_P[:, [1]], ["b"]) == pytest.approx(0.42)
+    # per class: a's best F1 (0.8) needs rows 0, 1, 2 (0.1 < t <= 0.3); c has no positive
+    per_class = best_threshold(HAND_Y, HAND_P, ["a", "b", "c"], per_class=True)
+    np.testing.assert_allclose(per_class, [0.12, 0.42, 0.5])
+    assert level_metrics(HAND_Y, HAND_P, ["a", "b", "c"], threshold=per_class)["macro_f1"] == pytest.approx(0.9)
+    assert parent_child_gap(HAND_P, ["a", "b", "c"], {"b": "a", "c": "a"}) == pytest.approx(0.1)
+    assert parent_child_gap(HAND_P, ["a", "b", "c"], {"c": "b"}) == pytest.approx(0.0)
