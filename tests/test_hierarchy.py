@@ -230,3 +230,37 @@ def test_hierarchy_metrics_and_threshold_and_gap():
     assert level_metrics(HAND_Y, HAND_P, ["a", "b", "c"], threshold=per_class)["macro_f1"] == pytest.approx(0.9)
     assert parent_child_gap(HAND_P, ["a", "b", "c"], {"b": "a", "c": "a"}) == pytest.approx(0.1)
     assert parent_child_gap(HAND_P, ["a", "b", "c"], {"c": "b"}) == pytest.approx(0.0)
+
+
+def test_train_fits_the_hierarchy_from_style_columns_through_the_packaged_discogs_taxonomy(tmp_path):
+    """`stylegen train --labels multi --label-column styles --taxonomy discogs --head hierarchy`:
+    styles alone label their genres (closure), a style on one cover is kept (under its genre)
+    though flat heads would drop it, and every genre's probability is at least its styles'."""
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+    from stylegen.heads.io import read_head_set
+    from stylegen.query.engine import Engine
+    from tests.conftest import embed_tiny, planted_rows
+
+    styles = ["Rock---Hard Rock", "Electronic---Techno", "Jazz---Swing"]
+    rows = pd.DataFrame(planted_rows(tmp_path, styles, 12, lambda g, i: {"artist_group": f"g{g}{i % 4}"}))
+    rows["styles"] = rows["genre"]
+    rows.loc[0, "styles"] = "Rock---Hard Rock|Rock---Glam"  # a style on one cover only
+    rows[["image", "styles", "artist_group"]].to_csv(tmp_path / "covers.csv", index=False)
+    embed_tiny(tmp_path / "covers.csv", tmp_path / "idx")
+    out = CliRunner().invoke(app, ["train", "--index", str(tmp_path / "idx"), "--labels", "multi",
+                                   "--label-column", "styles", "--taxonomy", "discogs", "--head", "hierarchy",
+                                   "--head", "knn"])
+    assert out.exit_code == 0, out.output
+    cfg = read_head_set(tmp_path / "idx")
+    assert cfg["default_head"] == "hierarchy" and cfg["label_columns"] == ["styles"]
+    classes = set(cfg["classes"])
+    assert {"rock", "electronic", "jazz", "rock---glam"} <= {c.lower() for c in classes}
+    engine = Engine.open(tmp_path / "idx")
+    proba, names, _ = engine.predict_proba(np.asarray(engine.index.vectors[:6]), "head")
+    col = {n.lower(): j for j, n in enumerate(names)}
+    for genre, style in (("rock", "rock---hard rock"), ("rock", "rock---glam"), ("jazz", "jazz---swing")):
+        assert np.all(proba[:, col[genre]] >= proba[:, col[style]] - 1e-9)
+    bad = CliRunner().invoke(app, ["train", "--index", str(tmp_path / "idx"), "--head", "hierarchy"])
+    assert bad.exit_code != 0 and "hierarchy needs --labels multi" in str(bad.exception)

@@ -121,9 +121,14 @@ def _table(rows, tabular: Path | None, columns: str | None, key: str):
 @app.command()
 def train(
     index: IndexDir = Path("indexes/default"),
-    head: Annotated[list[str], typer.Option(help="linear | mlp | knn | ensemble | all (repeatable).")] = ["all"],  # noqa: B006
-    labels: Annotated[str, typer.Option(help="single (genre) | multi (genres).")] = "single",
-    taxonomy: Annotated[Path | None, typer.Option(help="YAML/JSON parent -> children (default: packaged).")] = None,
+    head: Annotated[list[str], typer.Option(help=(
+        "linear | mlp | knn | ensemble | hierarchy | all (repeatable; hierarchy needs --labels multi)."))] = ["all"],  # noqa: B006
+    labels: Annotated[str, typer.Option(help="single (genre) | multi (|-separated label sets).")] = "single",
+    label_column: Annotated[list[str] | None, typer.Option("--label-column", help=(
+        "With --labels multi: the |-separated column(s) holding labels (repeatable; default genres, else genre)."))] = None,
+    taxonomy: Annotated[str | None, typer.Option(help=(
+        "'discogs' (packaged: 15 genres, 400 styles written Genre---Style), 'default', or a YAML/JSON file of "
+        "parent -> children."))] = None,
     tabular: Tabular = None,
     tabular_columns: TabularColumns = None,
     tabular_key: TabularKey = "image",
@@ -136,14 +141,14 @@ def train(
         "predictions (K extra fits per head)."))] = 1,
 ) -> None:
     """Fit genre heads on the index's vectors and store them in the index."""
-    from stylegen.heads.train import HEAD_NAMES
+    from stylegen.heads.train import HEAD_NAMES, MULTI_HEAD_NAMES
     from stylegen.heads.train import train as run_train
     from stylegen.index.store import Index
 
-    heads = list(HEAD_NAMES) if "all" in head else head
+    heads = list(MULTI_HEAD_NAMES if labels == "multi" else HEAD_NAMES) if "all" in head else head
     table, cols = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
     cfg = run_train(index, heads, labels, taxonomy, table, cols, seed, calibrate=calibrate,
-                    calibration_folds=calibration_folds)
+                    calibration_folds=calibration_folds, label_columns=label_column)
     scores = cfg.get("validation_macro_f1") or cfg.get("validation_top1_in_labels") or {}
     typer.echo(f"trained {', '.join(cfg['heads'])} on {len(cfg['train_rows'])} covers, "
                f"{len(cfg['classes'])} genres; default head {cfg['default_head']}, method {cfg['default_method']}")
@@ -161,7 +166,11 @@ def train(
         typer.echo(f"  library tag threshold for {cfg['default_method']}: " + (
             f"{found:.2f} (cross-validated precision >= 0.80)" if found is not None
             else "none reaches cross-validated precision 0.80 (0.5..0.9)"))
-    if cfg["dropped_classes"]:
+    if cfg["dropped_classes"] and labels == "multi":
+        floor = 10 if "hierarchy" in cfg["heads"] else 3
+        typer.echo(f"  left out of the flat heads (fewer than {floor} covers): {len(cfg['dropped_classes'])} labels"
+                   + ("; the hierarchy head keeps them under their genre" if "hierarchy" in cfg["heads"] else ""))
+    elif cfg["dropped_classes"]:
         typer.echo(f"  left out (fewer than 3 covers): {', '.join(cfg['dropped_classes'])}")
 
 

@@ -29,14 +29,25 @@ from stylegen.errors import DataError, StylegenError
 from stylegen.heads.calibration import CalibratedHead, fit_predict
 from stylegen.heads.io import head_sets, write_head_set
 from stylegen.index.store import Index, exclusive
-from stylegen.sources.labels import Taxonomy, multi_labels, single_labels
+from stylegen.sources.labels import (
+    Taxonomy,
+    column_labels,
+    filter_genres,
+    label_closure,
+    multi_labels,
+    single_labels,
+)
 from stylegen.util.persist import clean_temporary
 
-HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")
+HEAD_NAMES = ("linear", "mlp", "knn", "ensemble")  # flat heads: single- or multi-label
+MULTI_HEAD_NAMES = (*HEAD_NAMES, "hierarchy")  # hierarchy: genre -> style, multi-label only
+FLAT_MIN_COVERS = 10  # multi-label with the hierarchy head: flat heads leave rarer labels to it
 
 
-def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str, Any]:
-    """Unfitted heads with the project's defaults (also used by cross-validation)."""
+def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image",
+               taxonomy: str | Path | None = None) -> dict[str, Any]:
+    """Unfitted heads with the project's defaults (also used by cross-validation); with
+    ``multi`` also the ``hierarchy`` head over ``taxonomy`` (a name or file)."""
     linear = head_classes.LinearHead(multi_label=multi, random_state=seed)
     # with a table: a wider table branch, more patience and 5 averaged nets (5-fold CV on GTZAN,
     # docs/results_gtzan.md: hybrid macro-F1 0.754 -> 0.78)
@@ -50,27 +61,33 @@ def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image") -> dict[str,
         "knn": head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
         "ensemble": head_classes.EnsembleHead(clone(linear), head_classes.KNNHead(k=50, temperature=0.1, multi_label=multi),
                                  random_state=seed),
+        **({"hierarchy": head_classes.HierarchyHead(None if taxonomy is None else str(taxonomy))} if multi else {}),
     }
 
 
-def labelled_rows(meta: pd.DataFrame, labels: str) -> tuple[np.ndarray, Any]:
-    """Index rows that carry labels and the labels (strings, or lists when multi)."""
+def labelled_rows(meta: pd.DataFrame, labels: str,
+                  label_columns: Sequence[str] | None = None) -> tuple[np.ndarray, Any]:
+    """Index rows that carry labels and the labels (strings, or lists when multi: from
+    ``label_columns``, ``|``-separated, else ``genres``/``genre``)."""
     if labels == "single":
         y = single_labels(meta)
         rows = np.flatnonzero(y.notna().to_numpy())
         return rows, y.to_numpy()[rows].astype(str)
     if labels == "multi":
-        lists = multi_labels(meta)
+        lists = column_labels(meta, label_columns) if label_columns else multi_labels(meta)
         rows = np.array([i for i, g in enumerate(lists) if g], dtype=int)
         return rows, [lists[i] for i in rows]
     raise StylegenError(f"--labels must be single or multi, got {labels!r}")
+
+
+TRAINABLE = ("linear", "mlp", "hierarchy")  # heads the method "head" can answer with
 
 
 def default_method(heads: Sequence[str], scores: dict[str, float | None], default_head: str) -> str:
     """The method ``classify`` uses unless told: the best validated of head / knn / ensemble
     (ties go to the ensemble, then the head); without scores, the ensemble when trained."""
     candidates = {"ensemble": "ensemble", "head": default_head, "knn": "knn"}
-    trained = {m: h for m, h in candidates.items() if h in heads and (m != "head" or h in ("linear", "mlp"))}
+    trained = {m: h for m, h in candidates.items() if h in heads and (m != "head" or h in TRAINABLE)}
     scored = {m: scores[h] for m, h in trained.items() if scores.get(h) is not None}
     if scored:
         return max(scored, key=lambda m: scored[m])  # max keeps the first of equal scores
@@ -151,8 +168,14 @@ def train(
     validate: bool = True,
     calibrate: bool | None = None,
     calibration_folds: int = 1,
+    label_columns: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fit ``heads`` on the labelled covers of the index; returns what heads.json records.
+
+    ``labels="multi"``: label sets from ``label_columns`` (default ``genres``); with the
+    ``hierarchy`` head and a ``taxonomy`` (``"discogs"``, a file) every label's ancestors are
+    added (a Discogs ``Genre---Style`` also labels its genre). Flat heads leave out labels on fewer than 3
+    covers (10 when the ``hierarchy`` head is trained too, which keeps them under their genre).
 
     ``validate``: score each head on a held-out split; ``calibrate`` (default: as
     ``validate``): calibrate each head on held-out predictions, from the same artist-disjoint
@@ -163,22 +186,39 @@ def train(
     Holds the index's lock (:func:`~stylegen.index.store.exclusive`) from reading the vectors
     to naming the new head set, as ``embed`` does: two runs never write one index at once.
     """
-    unknown = set(heads) - set(HEAD_NAMES)
+    names = MULTI_HEAD_NAMES if labels == "multi" else HEAD_NAMES
+    unknown = set(heads) - set(names)
     if unknown or not heads:
-        raise StylegenError(f"heads must be among {', '.join(HEAD_NAMES)}, got {', '.join(heads)}")
+        raise StylegenError(f"heads must be among {', '.join(names)} (hierarchy needs --labels multi), "
+                            f"got {', '.join(heads)}")
+    if label_columns and labels != "multi":
+        raise StylegenError("--label-column needs --labels multi")
+    tax = Taxonomy.named(taxonomy)  # a bad file: its one-line error before any lock or fit
     root = Path(index_dir)
     Index.open(root, use_gpu=False)  # no index: its one-line error, before a lock file is made
     with exclusive(root):
         clean_temporary(head_sets(root).base)  # what a killed train was writing
         return _train(Index.open(root, use_gpu=False), heads, labels, taxonomy, tabular, tabular_columns,
-                      seed, validate, validate if calibrate is None else calibrate, calibration_folds)
+                      seed, validate, validate if calibrate is None else calibrate, calibration_folds,
+                      label_columns, tax)
 
 
 def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path | None,
            tabular: np.ndarray | None, tabular_columns: Sequence[str] | None, seed: int,
-           validate: bool, calibrate: bool = False, calibration_folds: int = 1) -> dict[str, Any]:
-    rows, y = labelled_rows(index.metadata, labels)
-    rows, y, dropped = drop_rare(rows, y, min_count=3)
+           validate: bool, calibrate: bool = False, calibration_folds: int = 1,
+           label_columns: Sequence[str] | None = None, tax: Taxonomy | None = None) -> dict[str, Any]:
+    tax = tax or Taxonomy.named(taxonomy)
+    rows, y = labelled_rows(index.metadata, labels, label_columns)
+    if labels == "multi":
+        if taxonomy is not None and "hierarchy" in heads:  # a Genre---Style also labels its Genre
+            y = label_closure(y, tax, keep_unknown=True)
+        counts = pd.Series([g for gs in y for g in gs]).value_counts()
+        floor = FLAT_MIN_COVERS if "hierarchy" in heads else 3  # the hierarchy keeps what flat heads drop
+        dropped = sorted(counts[counts < floor].index)
+        flat_y = filter_genres(y, set(counts.index) - set(dropped))  # rows stay: the hierarchy keeps all
+    else:
+        rows, y, dropped = drop_rare(rows, y, min_count=3)
+        flat_y = y
     if len(rows) < 4:
         raise DataError(f"the index has {len(rows)} labelled covers; at least 4 are needed to train")
     X = np.ascontiguousarray(index.vectors[rows], dtype=np.float32)
@@ -188,34 +228,34 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
         if len(tabular) != len(index):
             raise DataError(f"tabular features have {len(tabular)} rows, the index {len(index)}")
         extra = {"tabular": np.asarray(tabular, np.float32)[rows]}
-    factory = make_heads(labels == "multi", seed, "hybrid" if extra else "image")
-    tax = Taxonomy.load(taxonomy) if taxonomy else Taxonomy.default()
+    factory = make_heads(labels == "multi", seed, "hybrid" if extra else "image", taxonomy)
     scores: dict[str, float] = {}
     calibration: dict[str, dict[str, Any]] = {}
     fitted_heads = {}
     for name in heads:
         head = factory[name]
+        yy = y if name == "hierarchy" else flat_y  # the hierarchy keeps rare labels under their genre
         kw = extra if name == "mlp" else {}
         # the ensemble picks its weight on an artist-disjoint split (kNN votes from an artist's
         # other covers would look too good); the MLP's early stopping did worse with one
         fit_groups = {"groups": groups} if isinstance(head, head_classes.EnsembleHead) else {}
         if calibrate:  # its held-out predictions also give the validation score: no extra fit
-            fitted = CalibratedHead(head, calibration_folds, seed).fit(X, y, cv_groups=groups, **kw, **fit_groups)
+            fitted = CalibratedHead(head, calibration_folds, seed).fit(X, yy, cv_groups=groups, **kw, **fit_groups)
             calibration[name] = fitted.calibration_
             fitted_heads[name] = fitted.head_ if fitted.skipped else fitted  # T = 1: the head as it is
             if validate:
-                scores[name] = None if fitted.skipped else round(_held_out_score(fitted, y), 4)
+                scores[name] = None if fitted.skipped else round(_held_out_score(fitted, yy), 4)
         else:
             if validate:
                 try:
-                    scores[name] = round(_validation_score(head, X, y, groups, seed, fit_groups, kw), 4)
+                    scores[name] = round(_validation_score(head, X, yy, groups, seed, fit_groups, kw), 4)
                 except (StylegenError, ValueError):  # too few covers for a held-out split
                     scores[name] = None
-            fitted = clone(head).fit(X, y, **kw, **fit_groups)
+            fitted = clone(head).fit(X, yy, **kw, **fit_groups)
             fitted_heads[name] = fitted
-        classes = [str(c) for c in fitted.classes_]
-    trainable = [h for h in ("linear", "mlp") if h in heads]
+    trainable = [h for h in TRAINABLE if h in heads]
     default_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
+    classes = [str(c) for c in fitted_heads[default_head].classes_]
     method = default_method(heads, scores, default_head)
     used = {"head": default_head}.get(method, method)  # the head the default method answers with
     table = used_head.precision_coverage() if isinstance(used_head := fitted_heads.get(used), CalibratedHead) else None
@@ -235,6 +275,7 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
         "taxonomy": taxonomy_tree(tax, classes),
         "train_rows": [int(r) for r in rows],
         "tabular_columns": list(tabular_columns) if tabular_columns is not None else None,
+        "label_columns": list(label_columns) if label_columns else None,
         "seed": seed,
     }
     write_head_set(index.root, fitted_heads, config, index.feature_id)
