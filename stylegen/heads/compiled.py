@@ -40,6 +40,19 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 PROBA_CLIP = 1e-7  # probabilities are clipped to [PROBA_CLIP, 1 - PROBA_CLIP] before a log
 
 
+def node_depths(parent: np.ndarray) -> np.ndarray:
+    """Depth of every node from parent indices (-1 for a root); DataError on a cycle."""
+    parent = np.asarray(parent, dtype=np.int64)
+    depth = np.zeros(len(parent), dtype=np.int64)
+    for start in range(len(parent)):
+        node = start
+        while parent[node] >= 0:
+            node, depth[start] = int(parent[node]), depth[start] + 1
+            if depth[start] > len(parent):
+                raise DataError("label hierarchy has a cycle")
+    return depth
+
+
 def temperature_scale(proba: Any, temperature: float, multi_label: bool) -> np.ndarray:
     """Probabilities softened (``temperature`` > 1) or sharpened (< 1): single-label rows
     ``p_T ∝ exp(log(p) / T)``, renormalised; multi-label ``sigmoid(logit(p) / T)`` per label.
@@ -358,13 +371,7 @@ class CompiledHierarchy:
         parent = np.asarray(self.parent, dtype=np.int64).reshape(-1)
         if len(parent) != len(self.inner.classes_) or (parent >= len(parent)).any():
             raise DataError(f"hierarchy has {len(parent)} parent entries for {len(self.inner.classes_)} classes")
-        depth = np.zeros(len(parent), dtype=np.int64)
-        for j in range(len(parent)):
-            node = j
-            while parent[node] >= 0:
-                node, depth[j] = int(parent[node]), depth[j] + 1
-                if depth[j] > len(parent):
-                    raise DataError("hierarchy has a cycle")
+        depth = node_depths(parent)
         self.parent = parent
         self._levels = [np.flatnonzero(depth == v) for v in range(1, int(depth.max(initial=0)) + 1)]
 

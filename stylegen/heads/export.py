@@ -22,12 +22,12 @@ import numpy as np
 from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.heads.compiled import load_compiled, save_compiled
 from stylegen.heads.io import TRAIN_HASHES, head_file, load_predictor, read_head_info, read_head_set
-from stylegen.index.bundle import BUNDLE_FORMAT, CARD, bundle_size, check_files, model_entry
+from stylegen.index.bundle import BUNDLE_FORMAT, CARD, bundle_size, check_files
 from stylegen.index.store import Index
 from stylegen.util.persist import write_folder
 from stylegen.util.versions import STYLEGEN_VERSION
 
-HALF_TOLERANCE = 1e-3  # an exported head must answer like its source to this
+EXPORT_TOLERANCE = 1e-3  # an exported head must answer like its source to this
 PROBE_ROWS = 1000
 MANIFEST_KEYS = ("format_version", "config", "backbone", "preprocess", "parts", "slices", "dims", "dim",
                  "metric", "precision", "runtime", "feature_id", "ingest_id", "compression_fit", "versions",
@@ -45,7 +45,7 @@ def _write_head(src: Path, dst: Path, probe: np.ndarray) -> dict[str, Any]:
     head = load_predictor(src)
     save_compiled(head, dst)
     drift = float(np.max(np.abs(load_compiled(dst).predict_proba(probe) - head.predict_proba(probe)), initial=0.0))
-    if drift > HALF_TOLERANCE:
+    if drift > EXPORT_TOLERANCE:
         raise StylegenError(f"head {src.stem} changed by {drift:.2g} when exported; not exporting it")
     dst.with_suffix(".json").write_text(json.dumps(read_head_info(src), indent=2), encoding="utf-8")
     return {"max_probability_change": drift}
@@ -124,5 +124,4 @@ def export_model(index_dir: str | Path, out: str | Path, *, name: str | None = N
 
 def describe_model(model: Any) -> dict[str, Any]:
     """``stylegen model info``: the card, plus where the model is and its size on disk."""
-    return {**model.card, "path": str(model.root), "size_bytes": bundle_size(model.root), **{
-        "entry": model_entry(model)}}
+    return {**model.card, "path": str(model.root), "size_bytes": bundle_size(model.root)}

@@ -35,7 +35,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from stylegen.errors import DataError
-from stylegen.heads.compiled import CompiledHierarchy, CompiledLinear, as_rows
+from stylegen.heads.compiled import CompiledHierarchy, CompiledLinear, as_rows, node_depths
 from stylegen.heads.knn import KNNHead
 from stylegen.sources.labels import (
     STYLE_SEP,
@@ -51,19 +51,6 @@ LEVEL_NAMES = ("genre", "style")
 def level_label(depth: int) -> str:
     """0 -> "genre", 1 -> "style", deeper -> "level2", ..."""
     return LEVEL_NAMES[depth] if depth < len(LEVEL_NAMES) else f"level{depth}"
-
-
-def node_depths(parent: np.ndarray) -> np.ndarray:
-    """Depth of every node from parent indices (-1 for a root)."""
-    parent = np.asarray(parent, dtype=np.int64)
-    depth = np.zeros(len(parent), dtype=np.int64)
-    for start in range(len(parent)):
-        node = start
-        while parent[node] >= 0:
-            node, depth[start] = int(parent[node]), depth[start] + 1
-            if depth[start] > len(parent):
-                raise DataError("label hierarchy has a cycle")
-    return depth
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
