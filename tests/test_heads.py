@@ -388,3 +388,21 @@ def test_ensemble_weight_with_artist_groups_trusts_knn_less():
     grouped = make().fit(X, y, groups=groups)
     assert plain.weight_ <= 0.2  # an artist's other covers vote: kNN looks near perfect
     assert grouped.weight_ > plain.weight_
+
+
+def test_multi_label_linear_head_gives_a_rare_label_its_base_rate_instead_of_failing():
+    """A label on one cover of a CV fold (the Discogs long tail) used to raise "fewer than 2
+    examples" after minutes of fitting; it now gets its smoothed base rate, a constant, while the
+    other labels are fitted as before (same probabilities as a head fitted without it)."""
+    X, y = multi_blobs(300, 4)
+    rare = [list(labels) + (["rock---zeuhl"] if i == 0 else []) for i, labels in enumerate(y)]
+    rare = [labels + ["everything"] for labels in rare]  # on every row: no negative
+    head = LinearHead(multi_label=True).fit(X, rare)
+    alone = LinearHead(multi_label=True).fit(X, y)
+    proba = head.predict_proba(X[:20])
+    cls = list(head.classes_)
+    np.testing.assert_allclose(proba[:, cls.index("rock---zeuhl")], 1.5 / 301, rtol=1e-5)
+    np.testing.assert_allclose(proba[:, cls.index("everything")], 300.5 / 301, rtol=1e-5)
+    shared = [cls.index(c) for c in alone.classes_]
+    np.testing.assert_allclose(proba[:, shared], alone.predict_proba(X[:20]), atol=1e-6)
+    assert np.isnan(head.C_[cls.index("rock---zeuhl")]) and not np.isnan(head.C_[shared]).any()

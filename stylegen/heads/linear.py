@@ -24,7 +24,9 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
     Features are standardised first (a StandardScaler in the pipeline): on L2-normalised
     vectors every coordinate is tiny, and scaling lets one grid of ``Cs`` suit any backbone.
-    Multi-label targets get one such classifier per label (one-vs-rest, sigmoid outputs).
+    Multi-label targets get one such classifier per label (one-vs-rest, sigmoid outputs); a
+    label with fewer than 2 positive (or negative) rows, as a rare label often is in one CV
+    fold, cannot be fitted and gets a constant: its smoothed base rate ``(pos + 0.5) / (n + 1)``.
     """
 
     def __init__(
@@ -46,10 +48,22 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: Any) -> LinearHead:
         X = check_array(X, dtype=np.float32)
         targets, self.classes_ = encode_targets(y, self.multi_label, len(X))
-        counts = targets.sum(0) if self.multi_label else np.bincount(targets)
-        if counts.min() < 2:
-            rare = self.classes_[np.argmin(counts)]
-            raise DataError(f"class {rare!r} has fewer than 2 examples; drop or merge it")
+        if self.multi_label:
+            pos = targets.sum(0)
+            fit = np.minimum(pos, len(X) - pos) >= 2
+            self.fitted_labels_ = np.flatnonzero(fit)
+            self.base_rate_ = (pos + 0.5) / (len(X) + 1.0)
+            if not fit.any():  # every label constant: nothing to fit
+                self.model_ = None
+                self.n_features_in_ = X.shape[1]
+                return self
+            targets = targets[:, fit]
+            counts = np.minimum(targets.sum(0), len(X) - targets.sum(0))
+        else:
+            counts = np.bincount(targets)
+            if counts.min() < 2:
+                rare = self.classes_[np.argmin(counts)]
+                raise DataError(f"class {rare!r} has fewer than 2 examples; drop or merge it")
         logistic = LogisticRegressionCV(
             Cs=list(self.Cs),
             cv=StratifiedKFold(int(min(self.cv, counts.min())), shuffle=True,
@@ -63,39 +77,43 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         )
         if self.multi_label:
             logistic = OneVsRestClassifier(logistic)
-        self.model_: Pipeline = make_pipeline(StandardScaler() if self.scale else "passthrough",
-                                              logistic)
+        self.model_: Pipeline | None = make_pipeline(StandardScaler() if self.scale else "passthrough",
+                                                     logistic)
         self.model_.fit(X, targets.astype(int))
         self.n_features_in_ = X.shape[1]
         return self
 
     @property
     def C_(self) -> float | np.ndarray:
-        """The chosen C (one per label for multi-label heads)."""
-        model = self.model_[-1]
-        if self.multi_label:
-            return np.array([est.C_ for est in model.estimators_])
-        return model.C_
+        """The chosen C (one per label for multi-label heads; NaN for a constant label)."""
+        check_is_fitted(self)
+        if not self.multi_label:
+            return self.model_[-1].C_
+        out = np.full(len(self.classes_), np.nan)
+        if self.model_ is not None:
+            out[self.fitted_labels_] = [est.C_ for est in self.model_[-1].estimators_]
+        return out
 
     def compile(self) -> CompiledLinear:
         """Scaler and logistic regression(s) as arrays: softmax (sigmoid for two classes) of
-        ``((x - mean) / scale) @ coef.T + intercept``, or one sigmoid per label."""
+        ``((x - mean) / scale) @ coef.T + intercept``, or one sigmoid per label (a constant
+        label: zero weights and the logit of its base rate)."""
         check_is_fitted(self)
-        scaler, logistic = self.model_[0], self.model_[-1]
         d = self.n_features_in_
-        mean, scale = ((np.zeros(d), np.ones(d)) if scaler == "passthrough"
-                       else (scaler.mean_, scaler.scale_))
         if self.multi_label:
-            coef, intercept = [], []
-            for est in logistic.estimators_:
-                if hasattr(est, "coef_"):
-                    coef.append(est.coef_[0])
-                    intercept.append(float(est.intercept_[0]))
-                else:  # a label constant in training: scikit-learn's _ConstantPredictor
-                    coef.append(np.zeros(d))
-                    intercept.append(np.inf if est.y_.ravel()[0] else -np.inf)
-            coef, intercept = np.array(coef), np.array(intercept)
+            rate = self.base_rate_
+            coef, intercept = np.zeros((len(self.classes_), d)), np.log(rate) - np.log1p(-rate)
+            mean, scale = np.zeros(d), np.ones(d)
+            if self.model_ is not None:
+                scaler, logistic = self.model_[0], self.model_[-1]
+                if scaler != "passthrough":
+                    mean, scale = scaler.mean_, scaler.scale_
+                for j, est in zip(self.fitted_labels_, logistic.estimators_, strict=True):
+                    coef[j], intercept[j] = est.coef_[0], float(est.intercept_[0])
         else:
+            scaler, logistic = self.model_[0], self.model_[-1]
+            mean, scale = ((np.zeros(d), np.ones(d)) if scaler == "passthrough"
+                           else (scaler.mean_, scaler.scale_))
             coef, intercept = logistic.coef_, logistic.intercept_
         return CompiledLinear(self.classes_, self.multi_label, np.asarray(mean, np.float64),
                               np.asarray(scale, np.float64), np.asarray(coef, np.float64),
