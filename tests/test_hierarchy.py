@@ -3,6 +3,9 @@ borrowing from their genre, and the per-level metrics on hand-worked examples.""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -232,17 +235,17 @@ def test_hierarchy_metrics_and_threshold_and_gap():
     assert parent_child_gap(HAND_P, ["a", "b", "c"], {"c": "b"}) == pytest.approx(0.0)
 
 
-def test_train_fits_the_hierarchy_from_style_columns_through_the_packaged_discogs_taxonomy(tmp_path):
-    """`stylegen train --labels multi --label-column styles --taxonomy discogs --head hierarchy`:
-    styles alone label their genres (closure), a style on one cover is kept (under its genre)
-    though flat heads would drop it, and every genre's probability is at least its styles'."""
+@pytest.fixture(scope="module")
+def styled_index(tmp_path_factory) -> tuple[Path, Any]:
+    """A tiny index of planted covers labelled with Discogs styles only, trained with
+    `stylegen train --labels multi --label-column styles --taxonomy discogs --head hierarchy
+    --head knn`: (index folder, the CLI's result)."""
     from typer.testing import CliRunner
 
     from stylegen.apps.cli import app
-    from stylegen.heads.io import read_head_set
-    from stylegen.query.engine import Engine
     from tests.conftest import embed_tiny, planted_rows
 
+    tmp_path = tmp_path_factory.mktemp("styled")
     styles = ["Rock---Hard Rock", "Electronic---Techno", "Jazz---Swing"]
     rows = pd.DataFrame(planted_rows(tmp_path, styles, 12, lambda g, i: {"artist_group": f"g{g}{i % 4}"}))
     rows["styles"] = rows["genre"]
@@ -252,15 +255,54 @@ def test_train_fits_the_hierarchy_from_style_columns_through_the_packaged_discog
     out = CliRunner().invoke(app, ["train", "--index", str(tmp_path / "idx"), "--labels", "multi",
                                    "--label-column", "styles", "--taxonomy", "discogs", "--head", "hierarchy",
                                    "--head", "knn"])
+    return tmp_path / "idx", out
+
+
+def test_train_fits_the_hierarchy_from_style_columns_through_the_packaged_discogs_taxonomy(styled_index):
+    """`stylegen train --labels multi --label-column styles --taxonomy discogs --head hierarchy`:
+    styles alone label their genres (closure), a style on one cover is kept (under its genre)
+    though flat heads would drop it, and every genre's probability is at least its styles'."""
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+    from stylegen.heads.io import read_head_set
+    from stylegen.query.engine import Engine
+
+    idx, out = styled_index
     assert out.exit_code == 0, out.output
-    cfg = read_head_set(tmp_path / "idx")
+    cfg = read_head_set(idx)
     assert cfg["default_head"] == "hierarchy" and cfg["label_columns"] == ["styles"]
     classes = set(cfg["classes"])
     assert {"rock", "electronic", "jazz", "rock---glam"} <= {c.lower() for c in classes}
-    engine = Engine.open(tmp_path / "idx")
+    engine = Engine.open(idx)
     proba, names, _ = engine.predict_proba(np.asarray(engine.index.vectors[:6]), "head")
     col = {n.lower(): j for j, n in enumerate(names)}
     for genre, style in (("rock", "rock---hard rock"), ("rock", "rock---glam"), ("jazz", "jazz---swing")):
         assert np.all(proba[:, col[genre]] >= proba[:, col[style]] - 1e-9)
-    bad = CliRunner().invoke(app, ["train", "--index", str(tmp_path / "idx"), "--head", "hierarchy"])
+    bad = CliRunner().invoke(app, ["train", "--index", str(idx), "--head", "hierarchy"])
     assert bad.exit_code != 0 and "hierarchy needs --labels multi" in str(bad.exception)
+
+
+def test_classify_reads_genres_from_the_hierarchy_and_lists_every_class_with_its_path(styled_index):
+    """`classify --top N` with N at least the number of classes lists them all, each with its
+    root-first path; `levels.top` holds each genre's own probability (not a noisy-OR of its
+    styles, which would overstate it) and `levels.style` the best styles."""
+    from stylegen.query.engine import Engine
+
+    idx, _ = styled_index
+    engine = Engine.open(idx)
+    r = engine.query(engine.cover_path(0), top=50)
+    names = list(r.classes)
+    assert len(r.genres) == len(names) and {g["genre"] for g in r.genres} == set(names)
+    by_name = dict(zip(names, r.proba, strict=True))
+    for g in r.genres:
+        assert g["path"][-1] == g["genre"] and (len(g["path"]) == 1) == ("---" not in g["genre"])
+    top = {g["genre"]: g["probability"] for g in r.levels["top"]}
+    assert set(top) == {"rock", "electronic", "jazz"}
+    for genre, p in top.items():
+        assert p == pytest.approx(by_name[genre], abs=1e-6)
+    noisy_or = 1 - np.prod([1 - by_name[c] for c in names if c.startswith("rock")])
+    assert top["rock"] < noisy_or - 1e-3  # what the roll-up would have said
+    styles = [g["genre"] for g in r.levels["style"]]
+    assert styles and all("---" in s for s in styles)
+    assert [by_name[s] for s in styles] == sorted((by_name[s] for s in styles), reverse=True)

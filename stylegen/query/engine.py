@@ -341,18 +341,36 @@ class Engine:
         return np.array([-1 if r is None else pos.get(int(r), -1) for r in rows], dtype=np.int64)
 
     def describe(self, proba: np.ndarray, classes: list[str], top: int = 3) -> dict[str, Any]:
-        """Top genres with probabilities and hierarchical paths, plus the taxonomy's top level."""
-        order = np.argsort(-proba, kind="stable")[:top]
+        """Top classes with probabilities and root-first paths (every class when ``top`` is at
+        least their number), plus ``levels``: ``top``, the taxonomy's top-level genres, and for
+        a multi-label head with classes below them (Discogs styles), ``style``: the best of those.
+
+        A top-level genre that is itself a class of a multi-label head (the hierarchy head, a
+        flat head trained on Discogs genres) is read from its own column; only genres the head
+        lacks are rolled up from their children (sums for single-label heads, noisy-OR for
+        multi-label ones: :meth:`~stylegen.sources.labels.Taxonomy.roll_up`)."""
         tax = self.taxonomy
-        genres = [{"genre": classes[i], "probability": round(float(proba[i]), 6),
-                   "path": tax.path(classes[i]) if tax and classes[i] in tax else [classes[i]]}
-                  for i in order]
-        out: dict[str, Any] = {"genres": genres}
-        if tax is not None:
-            multi = self.head_config.get("labels") == "multi"
-            top_p, top_c = tax.roll_up(proba[None], classes, multi_label=multi)
-            idx = np.argsort(-top_p[0], kind="stable")[:top]
-            out["levels"] = {"top": [{"genre": top_c[i], "probability": round(float(top_p[0, i]), 6)} for i in idx]}
+        known = [tax is not None and c in tax for c in classes]
+
+        def entry(i: int) -> dict[str, Any]:
+            return {"genre": classes[i], "probability": round(float(proba[i]), 6),
+                    "path": tax.path(classes[i]) if known[i] else [classes[i]]}
+
+        out: dict[str, Any] = {"genres": [entry(i) for i in np.argsort(-proba, kind="stable")[:top]]}
+        if tax is None:
+            return out
+        multi = self.head_config.get("labels") == "multi"
+        top_p, top_c = tax.roll_up(proba[None], classes, multi_label=multi)
+        top_p = top_p[0]
+        if multi:
+            own = {c: j for j, c in enumerate(classes)}
+            top_p = np.array([proba[own[c]] if c in own else p for c, p in zip(top_c, top_p, strict=True)])
+        idx = np.argsort(-top_p, kind="stable")[:top]
+        out["levels"] = {"top": [{"genre": top_c[i], "probability": round(float(top_p[i]), 6)} for i in idx]}
+        below = np.array([multi and k and tax.level_of(c) > 0 for k, c in zip(known, classes, strict=True)])
+        if below.any():
+            rows = np.flatnonzero(below)
+            out["levels"]["style"] = [entry(i) for i in rows[np.argsort(-proba[rows], kind="stable")[:top]]]
         return out
 
     def tabular_for(self, keys: Sequence[str], table: str | Path | pd.DataFrame,
