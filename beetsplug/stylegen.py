@@ -10,7 +10,9 @@ stylegen, or with a model or an index of your own::
                               # `stylegen train` recorded (precision >= 0.80 out of fold), else 0.5
         auto: no              # yes: judge every album during `beet import`
         force: no             # yes: replace genres that are already set
-        level: class          # or "top": the taxonomy's top-level genres
+        level: class          # "top": the taxonomy's top-level genres; for a Discogs model
+                              # "genre" | "style" | "both", as beets' discogs plugin does
+                              # (style: genres = styles, the style field = the broad genre)
         count: 1              # write up to this many genres
         method: null          # head | knn | ensemble (default: the index's best)
         device: auto
@@ -123,6 +125,12 @@ class StylegenPlugin(BeetsPlugin):
             self._log.info("{}: keeping {} (use --force)", obj, ", ".join(old))
             return
         set_genres(obj, list(new))
+        level = self.config["level"].as_str()
+        if level in ("style", "both") and "style" in type(obj)._fields:
+            # beets' discogs plugin: styles in `genres`, the broad Discogs genre in `style`
+            broad = library.broad_genre(result)
+            if broad is not None:
+                obj["style"] = broad
         obj[CONFIDENCE] = confidence
         obj.try_sync(write=write, move=False)
 

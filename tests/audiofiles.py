@@ -193,3 +193,29 @@ def tiny_index(tmp_path_factory) -> Path:
     with threadpool_limits(1):
         train(idx, heads=("linear", "knn", "ensemble"))
     return idx
+
+
+STYLES = ("Rock---Hard Rock", "Electronic---Techno", "Jazz---Swing")
+
+
+def styled_tiny_index(tmp_path_factory) -> Path:
+    """A tiny real index of generated covers labelled with Discogs styles only, with the
+    hierarchy head trained through the packaged Discogs taxonomy (built once per session)."""
+    import pandas as pd
+    from threadpoolctl import threadpool_limits
+
+    from stylegen.heads.train import train
+    from tests.conftest import embed_tiny, planted_rows
+
+    root = tmp_path_factory.getbasetemp() / "audio_styled_index"
+    idx = root / "idx"
+    if (idx / "heads" / "CURRENT").is_file():
+        return idx
+    root.mkdir(parents=True, exist_ok=True)
+    rows = pd.DataFrame(planted_rows(root, list(STYLES), 8, lambda g, i: {"artist": f"a{g}{i % 4}"}))
+    rows["styles"] = rows["genre"]
+    rows[["image", "styles", "artist"]].to_csv(root / "train.csv", index=False)
+    embed_tiny(root / "train.csv", idx)
+    with threadpool_limits(1):
+        train(idx, heads=("hierarchy", "knn"), labels="multi", label_columns=["styles"], taxonomy="discogs")
+    return idx

@@ -95,3 +95,22 @@ def test_auto_import_stage_sets_genres(music, index, tmp_path):
     assert imp.returncode == 0, imp.stderr
     got = listing(bd)
     assert len(got) == 3 and all(len(g) == 1 and g[0] in GENRES and c is not None for g, c in got.values())
+
+
+def test_level_style_writes_discogs_styles_to_genres_and_the_broad_genre_to_style(music, tmp_path_factory, tmp_path):
+    """`level: style` with a model of Discogs genres and styles fills the fields as beets'
+    own discogs plugin does: the style names in `genres` ("Hard Rock"), the broad genre in
+    `style` ("Rock")."""
+    from tests.audiofiles import STYLES, styled_tiny_index
+
+    bd = tmp_path / "beets"
+    configure(bd, styled_tiny_index(tmp_path_factory), auto=False)
+    with open(bd / "config.yaml", "a") as fh:
+        fh.write("  level: style\n")
+    assert beet(bd, "import", "-A", "-q", str(music)).returncode == 0
+    run = beet(bd, "stylegen")
+    assert run.returncode == 0, run.stderr
+    out = beet(bd, "ls", "-a", "-f", "$album|$genres|$style")
+    rows = [line.split("|") for line in out.stdout.strip().splitlines()]
+    styles = {s.split("---")[1]: s.split("---")[0] for s in STYLES}
+    assert len(rows) == 3 and all(g in styles and s in styles.values() for _, g, s in rows), rows

@@ -16,7 +16,7 @@ import pytest
 
 from stylegen.apps.musiclib import genres as library
 from stylegen.apps.musiclib import tagging
-from stylegen.errors import BadImageError
+from stylegen.errors import BadImageError, StylegenError
 from stylegen.sources import audioart, images
 from tests.audiofiles import FORMATS, cover_images, decode, embed_art, tag, tiny_index, write_audio
 from tests.conftest import make_image
@@ -237,6 +237,25 @@ def test_plan_honours_existing_genres_confidence_level_and_count():
     assert [p.new for p in over[:2]] == [("metal",), ("metal",)] and over[1].action == "write"
     two = library.plan_tags(rep, min_confidence=0.3, count=2)
     assert two[2].new == ("jazz", "pop")
+
+
+def test_discogs_levels_write_styles_and_genres_as_beets_discogs_plugin_does():
+    """--level genre | style | both on a Discogs model: broad genres ("Electronic"), styles
+    ("Techno", never "electronic---techno") or styles then genres, in Discogs' spelling; a
+    model without styles says so in one line."""
+    r = _result("a", [("electronic", 0.9), ("electronic---techno", 0.7), ("electronic---house", 0.4)], [()],
+                top=[("electronic", 0.9), ("hip hop", 0.2)])
+    r.levels["style"] = [{"genre": "electronic---techno", "probability": 0.7},
+                         {"genre": "electronic---house", "probability": 0.4}]
+    assert library.suggestion(r, level="genre") == (("Electronic",), 0.9)
+    assert library.suggestion(r, level="style", count=2, min_confidence=0.5) == (("Techno",), 0.7)
+    assert library.suggestion(r, level="both", count=2, min_confidence=0.3) == (("Techno", "House", "Electronic"), 0.9)
+    assert library.suggestion(r, level="both", min_confidence=0.95) == ((), 0.9)
+    assert library.suggestion(r, level="style", min_confidence=0.8) == ((), 0.7)
+    assert library.broad_genre(r) == "Electronic" and library.broad_genre(r, 0.95) is None
+    flat = _result("b", [("jazz", 0.9)], [()], top=[("instrumental", 0.9)])
+    with pytest.raises(StylegenError, match="no styles below its genres"):
+        library.suggestion(flat, level="style")
 
 
 def test_scan_csv_cells_are_not_spreadsheet_formulas(tmp_path):

@@ -175,7 +175,8 @@ def train(
     ``labels="multi"``: label sets from ``label_columns`` (default ``genres``); with the
     ``hierarchy`` head and a ``taxonomy`` (``"discogs"``, a file) every label's ancestors are
     added (a Discogs ``Genre---Style`` also labels its genre). Flat heads leave out labels on fewer than 3
-    covers (10 when the ``hierarchy`` head is trained too, which keeps them under their genre).
+    covers (10 when the ``hierarchy`` head is trained too, which keeps them under their genre,
+    unless fewer than 2 labels have 10).
 
     ``validate``: score each head on a held-out split; ``calibrate`` (default: as
     ``validate``): calibrate each head on held-out predictions, from the same artist-disjoint
@@ -214,6 +215,8 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
             y = label_closure(y, tax, keep_unknown=True)
         counts = pd.Series([g for gs in y for g in gs]).value_counts()
         floor = FLAT_MIN_COVERS if "hierarchy" in heads else 3  # the hierarchy keeps what flat heads drop
+        if (counts >= floor).sum() < 2:  # a small collection: flat heads keep what they can learn from
+            floor = 3
         dropped = sorted(counts[counts < floor].index)
         flat_y = filter_genres(y, set(counts.index) - set(dropped))  # rows stay: the hierarchy keeps all
     else:

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -399,3 +400,62 @@ def stratified_split(
         if counts.min() >= 2 and len(counts) <= min(n_val, len(rows) - n_val):
             return train_test_split(rows, test_size=n_val, stratify=key, random_state=random_state)
     return train_test_split(rows, test_size=n_val, random_state=random_state)
+
+
+def label_map(spec: str | Path) -> dict[str, list[str]]:
+    """A label mapping ``{source label: [target labels]}``: ``"covers9-discogs"`` (the packaged
+    ``stylegen/data/covers9_to_discogs.json``: the 9 genres of ../shared/data/covers as Discogs
+    genres, metal as Rock + ``Rock---Heavy Metal``) or a JSON file. Keys starting with ``_``
+    are comments; names are matched as :func:`split_genres` spells them (lower case)."""
+    if str(spec) == "covers9-discogs":
+        text = resources.files("stylegen").joinpath("data/covers9_to_discogs.json").read_text("utf-8")
+    else:
+        try:
+            text = Path(spec).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise DataError(f"cannot read label map {spec}: {exc.strerror or exc}") from exc
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"label map {spec} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"label map {spec} must be an object {{label: [labels]}}")
+    out = {}
+    for key, value in raw.items():
+        if str(key).startswith("_"):
+            continue
+        targets = [value] if isinstance(value, str) else value
+        if not isinstance(targets, list) or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise DataError(f"label map {spec}: {key!r} must map to a label or a list of labels")
+        out[key.strip().lower()] = [t.strip().lower() for t in targets]
+    return out
+
+
+def map_labels(label_lists: Sequence[Sequence[str]], mapping: Mapping[str, Sequence[str]],
+               keep_unknown: bool = False) -> list[list[str]]:
+    """Each label replaced by its targets in ``mapping`` (first occurrence first); a label the
+    mapping lacks is dropped, or kept with ``keep_unknown``."""
+    out = []
+    for labels in label_lists:
+        mapped: list[str] = []
+        for label in labels:
+            mapped += list(mapping.get(label, [label] if keep_unknown else []))
+        out.append(list(dict.fromkeys(mapped)))
+    return out
+
+
+@cache
+def _discogs_spelling() -> dict[str, str]:
+    """Lower-case name -> the packaged Discogs taxonomy's spelling, for genres and style parts."""
+    tree = json.loads(resources.files("stylegen").joinpath("data/taxonomy_discogs.json").read_text("utf-8"))
+    names = [*tree, *(s.partition(STYLE_SEP)[2] for styles in tree.values() for s in styles)]
+    return {n.lower(): n for n in names}
+
+
+def display_label(label: str) -> str:
+    """A class as a tag reads it: a ``Genre---Style`` is its style part, and a Discogs genre or
+    style takes Discogs' spelling (``rock---hard rock`` -> ``Hard Rock``, ``hip hop`` -> ``Hip
+    Hop``); any other label is left as it is."""
+    genre, sep, style = label.partition(STYLE_SEP)
+    name = style if sep else genre
+    return _discogs_spelling().get(name.strip().lower(), name)

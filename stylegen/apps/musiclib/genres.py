@@ -26,9 +26,11 @@ from typing import Any
 from stylegen.apps.musiclib import tagging
 from stylegen.errors import StylegenError
 from stylegen.sources import audioart
+from stylegen.sources.labels import display_label
 from stylegen.util.tables import safe_row
 
-LEVELS = ("class", "top")
+LEVELS = ("class", "top", "genre", "style", "both")
+DISCOGS_LEVELS = ("genre", "style", "both")  # written as beets' discogs plugin writes them
 QUERY_CHUNK = 32  # albums per query_many call (bounds the decoded pixels held at once)
 Progress = Callable[[int], None]
 
@@ -137,19 +139,51 @@ class TagPlan:
     root: str | None = None  # the scanned tree: a write never follows a link out of it
 
 
+def _ranked(result: AlbumResult, level: str) -> list[dict[str, Any]]:
+    if level == "class":
+        return result.genres
+    name = "top" if level in ("top", "genre") else "style"
+    ranked = result.levels.get(name)
+    if ranked is None and name == "top":
+        raise StylegenError(f"the model's heads have no taxonomy, so there is no {level!r} level; use --level class")
+    if ranked is None:
+        raise StylegenError(f"the model has no styles below its genres, so there is no {level!r} level; use "
+                            "--level genre (a model trained with --labels multi --taxonomy discogs has styles)")
+    return ranked
+
+
 def suggestion(result: AlbumResult, *, level: str = "class", count: int = 1,
                min_confidence: float = 0.0) -> tuple[tuple[str, ...], float]:
     """The genres to write for an album (up to ``count``, each at least ``min_confidence``)
-    and the top probability; at ``level="top"`` the taxonomy's top-level genres."""
+    and the probability that decides whether to write (the best one's).
+
+    ``level``: ``class`` (the heads' classes as named), ``top`` (the taxonomy's top-level
+    genres), or for models with Discogs genres and styles the way beets' discogs plugin fills
+    the genre field: ``genre`` (the broad genres: "Electronic"), ``style`` (the styles:
+    "Techno") or ``both`` (styles, then their broad genres: "Techno", "Electronic"; the
+    plugin's ``append_style_genre``). These three are spelled as Discogs spells them; whether
+    to write is decided by the best genre for ``genre`` and ``both``, by the best style for
+    ``style``."""
     if level not in LEVELS:
         raise StylegenError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
-    ranked = result.genres if level == "class" else result.levels.get("top")
-    if ranked is None:
-        raise StylegenError("the index's heads have no taxonomy, so there is no 'top' level; use --level class")
+    if level == "both":
+        styles, _ = suggestion(result, level="style", count=count, min_confidence=min_confidence)
+        genres, conf = suggestion(result, level="genre", count=count, min_confidence=min_confidence)
+        return (tuple(dict.fromkeys(styles + genres)) if genres else ()), conf
+    ranked = _ranked(result, level)
     if not ranked:
         return (), 0.0
     picked = tuple(g["genre"] for g in ranked[:count] if g["probability"] >= min_confidence)
+    if level in DISCOGS_LEVELS:
+        picked = tuple(dict.fromkeys(display_label(g) for g in picked))
     return picked, float(ranked[0]["probability"])
+
+
+def broad_genre(result: AlbumResult, min_confidence: float = 0.0) -> str | None:
+    """The best top-level genre in Discogs spelling when at least ``min_confidence`` (what
+    beets' discogs plugin keeps in the ``style`` field), else None."""
+    top = result.levels.get("top") or []
+    return display_label(top[0]["genre"]) if top and top[0]["probability"] >= min_confidence else None
 
 
 def plan_tags(report: ScanReport, *, level: str = "class", count: int = 1, min_confidence: float = 0.0,
