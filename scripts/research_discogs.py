@@ -33,7 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
 import stylegen
-from stylegen.evaluation.metrics import best_threshold, label_matrix, level_metrics, to_markdown
+from stylegen.evaluation.metrics import cv_level_scores, label_matrix, to_markdown
 from stylegen.heads import KNNHead
 from stylegen.heads.compiled import align_columns
 from stylegen.heads.hierarchy import HierarchyHead
@@ -136,32 +136,11 @@ def methods(classes: list[str]) -> dict[str, tuple[str, Callable[[np.ndarray, An
 
 def evaluate(P: np.ndarray, Y: np.ndarray, classes: list[str], parent: np.ndarray,
              folds: list[tuple[np.ndarray, np.ndarray]], min_support: int) -> dict[str, Any]:
-    """Per level: fold mean/sd and pooled macro-AUROC/AP, macro-F1 at training-fold thresholds."""
-    support = Y.sum(axis=0)
-    out: dict[str, Any] = {}
-    for level, name in ((parent < 0, "genres"), (parent >= 0, "styles")):
-        cols = np.flatnonzero(level & (support >= min_support))
-        names = [classes[j] for j in cols]
-        per_fold, pred = [], np.zeros((2, len(Y), len(cols)), dtype=bool)
-        for k, (_, test) in enumerate(folds):
-            others = np.concatenate([t for i, (_, t) in enumerate(folds) if i != k])
-            for p, per_class in enumerate((False, True)):
-                t = best_threshold(Y[np.ix_(others, cols)], P[np.ix_(others, cols)], names, per_class=per_class)
-                pred[p, test] = P[np.ix_(test, cols)] >= t
-            per_fold.append(level_metrics(Y[np.ix_(test, cols)], P[np.ix_(test, cols)], names, 1))
-        pooled = level_metrics(Y[:, cols], P[:, cols], names, 1)
-        tp = (pred & (Y[:, cols] > 0)).sum(axis=1)
-        f1 = 2 * tp / np.maximum(pred.sum(axis=1) + Y[:, cols].sum(axis=0), 1)
-        out[name] = {
-            "n_classes": len(cols),
-            "auroc": float(np.mean([m["macro_auroc"] for m in per_fold])),
-            "auroc_sd": float(np.std([m["macro_auroc"] for m in per_fold])),
-            "ap": float(np.mean([m["macro_ap"] for m in per_fold])),
-            "ap_sd": float(np.std([m["macro_ap"] for m in per_fold])),
-            "auroc_folds": [m["macro_auroc"] for m in per_fold], "ap_folds": [m["macro_ap"] for m in per_fold],
-            "pooled_auroc": pooled["macro_auroc"], "pooled_ap": pooled["macro_ap"],
-            "f1": float(f1[0].mean()), "f1_per_class": float(f1[1].mean()),
-        }
+    """Per level (:func:`~stylegen.evaluation.metrics.cv_level_scores`, as ``evaluate --cv``
+    scores): fold mean/sd and pooled macro-AUROC/AP, macro-F1 at training-fold thresholds."""
+    levels = {"genres": [c for c, p in zip(classes, parent) if p < 0],
+              "styles": [c for c, p in zip(classes, parent) if p >= 0]}
+    out: dict[str, Any] = cv_level_scores(P, Y, classes, levels, folds, min_support)
     child = np.flatnonzero(parent >= 0)
     out["child_above_parent"] = float((P[:, child] > P[:, parent[child]] + 1e-12).mean())
     return out

@@ -306,3 +306,55 @@ def test_classify_reads_genres_from_the_hierarchy_and_lists_every_class_with_its
     styles = [g["genre"] for g in r.levels["style"]]
     assert styles and all("---" in s for s in styles)
     assert [by_name[s] for s in styles] == sorted((by_name[s] for s in styles), reverse=True)
+
+
+def test_evaluate_scores_a_hierarchy_model_per_level_on_held_out_covers(styled_index, tmp_path):
+    """`evaluate --test` on a model of Discogs styles reads the test labels as training did
+    (the styles column, closed upward to genres) and reports macro-AUROC, macro-AP and F1 per
+    level, F1 at the threshold `train` chose on held-out covers."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+    from stylegen.heads.io import read_head_set
+    from tests.conftest import make_image
+
+    idx, _ = styled_index
+    styles = ["Rock---Hard Rock", "Electronic---Techno", "Jazz---Swing"]
+    rows = [{"image": str(make_image(tmp_path / f"t{g}{i}.png", kind=g, seed=100 * g + 50 + i)), "styles": s}
+            for g, s in enumerate(styles) for i in range(4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "test.csv", index=False)
+    out = CliRunner().invoke(app, ["evaluate", "--index", str(idx), "--test", str(tmp_path / "test.csv"), "--json"])
+    assert out.exit_code == 0, out.output
+    levels = json.loads(out.output)["levels"]
+    assert set(levels) == {"genre", "style"}
+    assert levels["genre"]["n_classes"] == 3 and levels["style"]["n_classes"] == 3
+    assert levels["genre"]["macro_auroc"] > 0.9 and levels["style"]["macro_auroc"] > 0.9
+    recorded = read_head_set(idx)["calibration"]["hierarchy"]["thresholds"]
+    assert levels["genre"]["threshold"] == pytest.approx(recorded["genre"])
+
+
+def test_evaluate_cv_compares_multi_label_heads_per_level_with_grouped_folds(styled_index):
+    """`evaluate --cv` on an index trained with --labels multi takes the recorded label columns
+    and taxonomy, keeps each artist group in one fold, and scores each head per level; the
+    hierarchy head never puts a style above its genre."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+
+    idx, _ = styled_index
+    out = CliRunner().invoke(app, ["evaluate", "--index", str(idx), "--cv", "3", "--min-support", "3",
+                                   "--heads", "knn,hierarchy", "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert set(res) == {"knn", "hierarchy"}
+    for head in res.values():
+        assert set(head["levels"]) == {"genre", "style"}
+        assert head["levels"]["genre"]["auroc"] > 0.9
+    assert res["hierarchy"]["levels"]["style"]["n_classes"] == 3  # rock---glam (1 cover) is below 3
+    assert res["hierarchy"]["child_above_parent"] == 0.0
+    bad = CliRunner().invoke(app, ["evaluate", "--index", str(idx), "--cv", "3", "--group-column", "label"])
+    assert bad.exit_code != 0 and "no column 'label'" in str(bad.exception)

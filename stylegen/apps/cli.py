@@ -108,6 +108,10 @@ Method = Annotated[str | None, typer.Option(
     help=f"{choices(METHODS)} (default: the method `stylegen train` validated best).")]
 
 
+GroupColumn = Annotated[str | None, typer.Option(help=(
+    "Metadata column whose covers stay on one side of every split (default: artist, else artist_group)."))]
+
+
 def _table(rows, tabular: Path | None, columns: str | None, key: str):
     """Numeric features for ``rows`` (a DataFrame with the key column), or None."""
     if tabular is None and columns is None:
@@ -139,6 +143,7 @@ def train(
     calibration_folds: Annotated[int, typer.Option(min=1, help=(
         "1: calibrate on the artist-disjoint validation split (no extra fit); K: on K-fold out-of-fold "
         "predictions (K extra fits per head)."))] = 1,
+    group_column: GroupColumn = None,
 ) -> None:
     """Fit genre heads on the index's vectors and store them in the index."""
     from stylegen.heads.train import HEAD_NAMES, MULTI_HEAD_NAMES
@@ -148,7 +153,7 @@ def train(
     heads = list(MULTI_HEAD_NAMES if labels == "multi" else HEAD_NAMES) if "all" in head else head
     table, cols = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
     cfg = run_train(index, heads, labels, taxonomy, table, cols, seed, calibrate=calibrate,
-                    calibration_folds=calibration_folds, label_columns=label_column)
+                    calibration_folds=calibration_folds, label_columns=label_column, group_column=group_column)
     scores = cfg.get("validation_macro_f1") or cfg.get("validation_top1_in_labels") or {}
     typer.echo(f"trained {', '.join(cfg['heads'])} on {len(cfg['train_rows'])} covers, "
                f"{len(cfg['classes'])} genres; default head {cfg['default_head']}, method {cfg['default_method']}")
@@ -166,8 +171,12 @@ def train(
         typer.echo(f"  library tag threshold for {cfg['default_method']}: " + (
             f"{found:.2f} (cross-validated precision >= 0.80)" if found is not None
             else "none reaches cross-validated precision 0.80 (0.5..0.9)"))
+    for name, cal in (cfg.get("calibration") or {}).items():
+        if cal.get("thresholds"):
+            typer.echo(f"  {name:9s} F1 thresholds (held out): "
+                       + ", ".join(f"{level} {t:.2f}" for level, t in cal["thresholds"].items()))
     if cfg["dropped_classes"] and labels == "multi":
-        floor = 10 if "hierarchy" in cfg["heads"] else 3
+        floor = cfg["flat_min_covers"]
         typer.echo(f"  left out of the flat heads (fewer than {floor} covers): {len(cfg['dropped_classes'])} labels"
                    + ("; the hierarchy head keeps them under their genre" if "hierarchy" in cfg["heads"] else ""))
     elif cfg["dropped_classes"]:
@@ -217,12 +226,13 @@ def similar(
     html: Annotated[Path | None, typer.Option(help="Write a self-contained contact sheet here.")] = None,
     device: Device = "auto",
     weights: QueryWeights = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the nearest covers with local features: verified copies of IMAGE come first, with the transform.")] = False,
 ) -> None:
     """Nearest covers in the index to IMAGE (the query itself is marked when indexed)."""
     from stylegen.apps.render import format_neighbours, write_contact_sheet
 
     engine = _engine(_covers_index(index, "similar"), device, weights)
-    result = engine.query(image, k=k, by=by, classify=False)
+    result = engine.query(image, k=k, by=by, classify=False, verify=verify)
     if html is not None:
         write_contact_sheet(html, engine, image, result, by)
     if as_json:
@@ -264,7 +274,8 @@ def evaluate(
     index: GenreIndex = None,
     test: Annotated[Path | None, typer.Option(help="Test manifest (CSV) or folder, never the training data.")] = None,
     cv: Annotated[int | None, typer.Option(help="Cross-validate on the index with this many artist-disjoint folds.")] = None,
-    heads: Annotated[str, typer.Option(help="With --cv: comma-separated heads to compare.")] = "linear,mlp,knn,ensemble",
+    heads: Annotated[str | None, typer.Option(help=(
+        "With --cv: comma-separated heads to compare (default: linear,mlp,knn,ensemble; multi-label: knn,hierarchy)."))] = None,
     parts: Annotated[str, typer.Option(help="With --cv: comma-separated feature parts to compare.")] = "style,content,both",
     method: Method = None,
     report: Annotated[Path | None, typer.Option(help="Write report.md with plots into this folder.")] = None,
@@ -275,6 +286,16 @@ def evaluate(
     device: Device = "auto",
     weights: QueryWeights = None,
     model: ModelName = None,
+    labels: Annotated[str | None, typer.Option(help=(
+        "With --cv: single | multi (default: as the index's heads were trained, else single)."))] = None,
+    label_column: Annotated[list[str] | None, typer.Option("--label-column", help=(
+        "With --cv --labels multi: label column(s) (default: as trained, else genres)."))] = None,
+    taxonomy: Annotated[str | None, typer.Option(help=(
+        "With --cv --labels multi: 'discogs', 'default' or a file; labels are closed upward and scored per level "
+        "(default: as trained)."))] = None,
+    group_column: GroupColumn = None,
+    min_support: Annotated[int, typer.Option(min=1, help=(
+        "With --cv --labels multi: score classes with at least this many covers."))] = 10,
 ) -> None:
     """Score the genre models on a test manifest, or by cross-validation on the index."""
     from stylegen.evaluation import runs as scoring
@@ -283,12 +304,14 @@ def evaluate(
         raise StylegenError("give exactly one of --test MANIFEST or --cv N")
     table = scoring.TableSpec(tabular, _columns(tabular_columns), tabular_key) if tabular or tabular_columns else None
     if cv is not None:
-        from stylegen.heads.train import HEAD_NAMES
+        from stylegen.heads.train import MULTI_HEAD_NAMES
 
         if index is None:
             raise StylegenError("--cv cross-validates an index's covers: pass --index DIR")
-        outcome = scoring.run_cv(index, cv, heads=_names(heads, HEAD_NAMES, "--heads"),
-                                 parts=_names(parts, scoring.PART_CHOICES, "--parts"), table=table, report=report)
+        outcome = scoring.run_cv(index, cv, heads=_names(heads, MULTI_HEAD_NAMES, "--heads") if heads else None,
+                                 parts=_names(parts, scoring.PART_CHOICES, "--parts"), table=table, report=report,
+                                 labels=labels, label_columns=label_column, taxonomy=taxonomy,
+                                 group_column=group_column, min_support=min_support)
     else:
         outcome = scoring.run_test(index, test, method=method, table=table, report=report, device=device,
                                    weights=weights, model=model)
@@ -370,7 +393,9 @@ def library_tag(
     min_confidence: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Leave albums whose top genre is less likely (default: the threshold `stylegen "
                                "train` recorded for the method, cross-validated precision >= 0.80; else 0).")] = None,
-    level: Annotated[str, typer.Option(help="class (the heads' genres) | top (top-level genres of the taxonomy)")] = "class",
+    level: Annotated[str, typer.Option(help="class (the heads' genres) | top (top-level genres of the taxonomy) | "
+                                            "genre | style | both (Discogs genres and styles, as beets' discogs "
+                                            "plugin writes them)")] = "class",
     count: Annotated[int, typer.Option(min=1, help="Write up to this many genres (each above --min-confidence).")] = 1,
     log: Annotated[Path | None, typer.Option(help="Undo log (default: DIRECTORY/stylegen-undo-TIME.csv).")] = None,
     touch: Annotated[bool, typer.Option("--touch", help="Give tagged files the current modification time "
@@ -532,25 +557,37 @@ def build_index(
 @app.command()
 def duplicates(
     index: CoversIndex = None,
-    threshold: Annotated[float | None, typer.Option(help="Cosine similarity at or above which two covers are near-duplicates (0.70, chosen on planted copies).")] = None,
-    by: Annotated[str, typer.Option(help=choices(BY))] = "both",
+    threshold: Annotated[float | None, typer.Option(help="With --no-verify: cosine similarity at or above which two covers are near-duplicates (0.70).")] = None,
+    by: Annotated[str, typer.Option(help=choices(BY) + " (with --no-verify)")] = "both",
     against: Annotated[Path | None, typer.Option(help="Another index: report only pairs across the two collections.")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write one row per cover of each group here.")] = None,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained page of the groups here.")] = None,
     as_json: JsonFlag = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify FAISS candidates with local features (default), or keep pairs by vector similarity alone.")] = True,
+    min_inliers: Annotated[int | None, typer.Option(help="With --verify: keypoints that must agree with one homography (default chosen on planted copies).")] = None,
+    candidates: Annotated[int | None, typer.Option(min=1, help="With --verify: nearest covers per cover (by style + content and by content) to verify.")] = None,
 ) -> None:
-    """Groups of near-duplicate covers (rescans, re-encodes, stickers, borders)."""
+    """Groups of near-duplicate covers (rescans, re-encodes, stickers, borders, photos)."""
     from stylegen.apps.duplicates import (
+        DEFAULT_CANDIDATES,
         DEFAULT_THRESHOLD,
         find_duplicates,
         group_table,
         groups_html,
+        verified_duplicates,
     )
     from stylegen.index.store import Index
     from stylegen.util.tables import safe_frame
 
+    if verify and (threshold is not None or by != "both"):
+        raise StylegenError("--threshold and --by choose the vector-only search: add --no-verify")
+    if not verify and (min_inliers is not None or candidates is not None):
+        raise StylegenError("--min-inliers and --candidates belong to verification: drop --no-verify")
     idx, other = Index.open(_covers_index(index, "duplicates")), Index.open(against) if against is not None else None
-    dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)
+    if verify:
+        dups = verified_duplicates(idx, other, candidates or DEFAULT_CANDIDATES, min_inliers)
+    else:
+        dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)
     table = group_table(dups, idx, other)
     for path, text in ((csv, lambda: safe_frame(table).to_csv(index=False)), (html, lambda: groups_html(table, dups))):
         if path is not None:

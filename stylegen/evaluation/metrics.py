@@ -31,7 +31,9 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from stylegen.errors import DataError
 
 # calibration metrics live with the heads (heads may not import evaluation); re-exported here
+from stylegen.heads.calibration import best_threshold as best_threshold
 from stylegen.heads.calibration import expected_calibration_error as expected_calibration_error
+from stylegen.heads.calibration import label_matrix as label_matrix
 from stylegen.heads.calibration import min_confidence as min_confidence
 from stylegen.heads.calibration import precision_coverage as precision_coverage
 from stylegen.util.persist import atomic_write, atomic_write_text
@@ -134,40 +136,6 @@ def multi_label_metrics(
 
 
 # ---- hierarchical multi-label: one score table per level ---------------------------------
-def label_matrix(Y_true: Any, classes: Sequence[str]) -> np.ndarray:
-    """0/1 matrix (n, C) from label lists (labels not in ``classes`` ignored), or a 0/1
-    matrix passed through."""
-    if isinstance(Y_true, np.ndarray) and Y_true.ndim == 2:
-        if Y_true.shape[1] != len(classes):
-            raise DataError(f"label matrix has {Y_true.shape[1]} columns for {len(classes)} classes")
-        return (Y_true > 0).astype(int)
-    col = {str(c): j for j, c in enumerate(classes)}
-    Y = np.zeros((len(Y_true), len(classes)), dtype=int)
-    for i, labels in enumerate(Y_true):
-        Y[i, [col[str(lab)] for lab in labels if str(lab) in col]] = 1
-    return Y
-
-
-def best_threshold(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
-                   grid: Sequence[float] | None = None, per_class: bool = False) -> float | np.ndarray:
-    """The one threshold (from ``grid``, default 0.02..0.98) with the best macro-F1 over the
-    classes that have a positive, or with ``per_class`` each class's best F1 threshold (0.5
-    for a class without positives); choose on training rows, then apply to test rows."""
-    Y = label_matrix(Y_true, classes).astype(bool)
-    proba = _check_proba(proba, len(Y), classes)
-    used = Y.sum(axis=0) > 0
-    if not used.any() and not per_class:
-        raise DataError("no class has a positive row: no threshold to choose")
-    grid = np.arange(0.02, 0.99, 0.02) if grid is None else np.asarray(grid, dtype=np.float64)
-    f1 = np.empty((len(grid), Y.shape[1]))
-    for i, t in enumerate(grid):
-        pred = proba >= t
-        f1[i] = 2 * (pred & Y).sum(axis=0) / np.maximum(pred.sum(axis=0) + Y.sum(axis=0), 1)
-    if per_class:  # argmax keeps the first (lowest) of equal thresholds
-        return np.where(used, grid[np.argmax(f1, axis=0)], 0.5)
-    return float(grid[np.argmax(f1[:, used].mean(axis=1))])
-
-
 def level_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str], min_support: int = 1,
                   threshold: float | Sequence[float] = 0.5) -> dict[str, Any]:
     """Macro-AUROC, macro-AP and macro-F1 (at ``threshold``: one, or one per class) over the
@@ -213,6 +181,47 @@ def hierarchy_metrics(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
         support = min_support[name] if isinstance(min_support, Mapping) else min_support
         t = thresholds[name] if isinstance(thresholds, Mapping) else thresholds
         out[name] = level_metrics(Y[:, cols], proba[:, cols], [classes[j] for j in cols], support, t)
+    return out
+
+
+def cv_level_scores(P: np.ndarray, Y: np.ndarray, classes: Sequence[str], levels: Mapping[str, Sequence[str]],
+                    folds: Sequence[tuple[np.ndarray, np.ndarray]], min_support: int = 10) -> dict[str, dict[str, Any]]:
+    """Scores of out-of-fold probabilities ``P`` (columns: ``classes``) per level, over the
+    level's classes with at least ``min_support`` positive rows in ``Y`` (0/1): macro-AUROC
+    and macro-AP per test fold (``auroc``/``ap``: their mean, ``*_sd``, ``*_folds``) and on
+    the pooled predictions (``pooled_*``), and the macro-F1 of the pooled predictions at one
+    threshold per level chosen for each test fold on the other folds' predictions (``f1``),
+    never on the fold's own labels (``f1_per_class``: one threshold per class)."""
+    classes = [str(c) for c in classes]
+    col = {c: j for j, c in enumerate(classes)}
+    support = Y.sum(axis=0)
+    out: dict[str, dict[str, Any]] = {}
+    for level, members in levels.items():
+        cols = np.array([col[str(m)] for m in members if str(m) in col and support[col[str(m)]] >= min_support],
+                        dtype=int)
+        if not len(cols):
+            continue
+        names = [classes[j] for j in cols]
+        per_fold, pred = [], np.zeros((2, len(Y), len(cols)), dtype=bool)
+        for k, (_, test) in enumerate(folds):
+            others = np.concatenate([t for i, (_, t) in enumerate(folds) if i != k])
+            for p, per_class in enumerate((False, True)):
+                t = best_threshold(Y[np.ix_(others, cols)], P[np.ix_(others, cols)], names, per_class=per_class)
+                pred[p, test] = P[np.ix_(test, cols)] >= t
+            per_fold.append(level_metrics(Y[np.ix_(test, cols)], P[np.ix_(test, cols)], names, 1))
+        pooled = level_metrics(Y[:, cols], P[:, cols], names, 1)
+        tp = (pred & (Y[:, cols] > 0)).sum(axis=1)
+        f1 = 2 * tp / np.maximum(pred.sum(axis=1) + Y[:, cols].sum(axis=0), 1)
+        au = [m["macro_auroc"] for m in per_fold if m["macro_auroc"] is not None]
+        ap = [m["macro_ap"] for m in per_fold if m["macro_ap"] is not None]
+        out[level] = {
+            "n_classes": len(cols), "min_support": int(min_support),
+            "auroc": float(np.mean(au)) if au else None, "auroc_sd": float(np.std(au)) if au else None,
+            "ap": float(np.mean(ap)) if ap else None, "ap_sd": float(np.std(ap)) if ap else None,
+            "auroc_folds": au, "ap_folds": ap,
+            "pooled_auroc": pooled["macro_auroc"], "pooled_ap": pooled["macro_ap"],
+            "f1": float(f1[0].mean()), "f1_per_class": float(f1[1].mean()),
+        }
     return out
 
 

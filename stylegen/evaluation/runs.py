@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from stylegen.errors import DataError
+from stylegen.errors import DataError, StylegenError
 from stylegen.evaluation.metrics import (
     compare_table,
     cross_val_predict_proba,
@@ -76,6 +76,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def run_test(index_dir: str | Path | None, manifest: str | Path, *, method: str | None = None,
              table: TableSpec | None = None, report: str | Path | None = None,
              device: str = "auto", weights: str | None = None, model: str | Path | None = None) -> Outcome:
@@ -97,21 +101,53 @@ def run_test(index_dir: str | Path | None, manifest: str | Path, *, method: str 
         lines.append(f"left out {metrics['n_in_training_excluded']} test covers the heads were trained on")
     lines += [f"  {src}: n={m['n']} accuracy={m['accuracy']:.3f} macro_f1={m['macro_f1']:.3f}"
               for src, m in (metrics.get("by_source") or {}).items()]
+    lines += [f"  {level}: {m['n_classes']} classes  macro_auroc={_fmt(m['macro_auroc'])}  "
+              f"macro_ap={_fmt(m['macro_ap'])}  macro_f1@{_fmt(m['threshold'], '.2f')}={_fmt(m['macro_f1'])}"
+              for level, m in (metrics.get("levels") or {}).items()]
     return Outcome(metrics, "\n".join(lines))
 
 
-def run_cv(index_dir: str | Path, n_splits: int, *, heads: Sequence[str] = HEAD_NAMES,
+def run_cv(index_dir: str | Path, n_splits: int, *, heads: Sequence[str] | None = None,
            parts: Sequence[str] = PART_CHOICES, table: TableSpec | None = None,
-           report: str | Path | None = None) -> Outcome:
-    """``stylegen evaluate --cv N``: compare heads and feature parts with artist-disjoint folds."""
+           report: str | Path | None = None, labels: str | None = None,
+           label_columns: Sequence[str] | None = None, taxonomy: str | None = None,
+           group_column: str | None = None, min_support: int = 10) -> Outcome:
+    """``stylegen evaluate --cv N``: compare heads (and feature parts) with group-disjoint folds.
+
+    ``labels`` (default: what the index's heads were trained with, else ``single``),
+    ``label_columns`` and ``taxonomy`` (defaults: as trained) choose the task; multi-label
+    runs go to :func:`cross_validate_multi` and are scored per level."""
     from stylegen.evaluation.metrics import to_markdown, write_report
+    from stylegen.heads.io import has_head_set, read_head_set
     from stylegen.sources.tabular import load_tabular
 
+    cfg = read_head_set(index_dir) if has_head_set(index_dir) else {}
+    labels = labels or cfg.get("labels") or "single"
+    if labels == "multi":
+        if table is not None:
+            raise StylegenError("--tabular with --cv is single-label only")
+        frame, results = cross_validate_multi(
+            index_dir, n_splits, heads=heads or MULTI_CV_HEADS,
+            label_columns=label_columns or cfg.get("label_columns"),
+            taxonomy=taxonomy or (cfg.get("taxonomy_name") if cfg.get("label_closure") else None),
+            group_column=group_column or cfg.get("group_column"), min_support=min_support)
+        if report is not None:
+            from stylegen.util.persist import atomic_write_text
+
+            Path(report).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(report) / "report.md", f"# Cross-validation ({n_splits} grouped folds), per level\n\n"
+                              + to_markdown(frame) + "\n")
+        return Outcome(results, to_markdown(frame))
+    if labels != "single":
+        raise StylegenError(f"--labels must be single or multi, got {labels!r}")
+    if heads and (unknown := [h for h in heads if h not in HEAD_NAMES]):
+        raise StylegenError(f"{', '.join(unknown)}: a multi-label head (use --labels multi)")
     tab = None
     if table is not None:
         meta = Index.open(index_dir, use_gpu=False).metadata
         tab, _ = load_tabular(meta, columns=table.columns, table=table.path, key=table.key)
-    frame, results = cross_validate(index_dir, n_splits, heads=heads, parts=parts, tabular=tab)
+    frame, results = cross_validate(index_dir, n_splits, heads=heads or HEAD_NAMES, parts=parts, tabular=tab,
+                                    group_column=group_column)
     variants = variant_tables(results) if tab is not None else {}
     if report is not None:
         best = "mlp-hybrid" if tab is not None else max(results, key=lambda k: results[k]["accuracy"])
@@ -155,7 +191,9 @@ def evaluate_test(
     out["predictions"] = [{"image": img, "genres": r.genres} for img, r in zip(items["image"], fresh, strict=True)]
     proba, classes = np.stack([r.proba for r in fresh]), fresh[0].classes
     if engine.head_config["labels"] == "multi":
-        out.update(multi_label_metrics(multi_labels(items), proba, classes))
+        lists = test_label_lists(engine.head_config, items, engine.taxonomy)
+        out.update(multi_label_metrics(lists, proba, classes))
+        out["levels"] = level_report(engine, lists, proba, classes, results[0].method)
         return out
     y = single_labels(items)
     lab = y.notna().to_numpy()
@@ -172,6 +210,32 @@ def evaluate_test(
     return out
 
 
+def test_label_lists(cfg: dict[str, Any], items: pd.DataFrame, taxonomy: Any) -> list[list[str]]:
+    """A test manifest's label sets read as the heads were trained: the same columns, closed
+    upward through the taxonomy when training closed them."""
+    from stylegen.sources.labels import column_labels, label_closure
+
+    lists = column_labels(items, cfg["label_columns"]) if cfg.get("label_columns") else multi_labels(items)
+    if cfg.get("label_closure") and taxonomy is not None:
+        lists = label_closure(lists, taxonomy, keep_unknown=True)
+    return lists
+
+
+def level_report(engine: Engine, lists: Sequence[Sequence[str]], proba: np.ndarray, classes: Sequence[str],
+                 method: str) -> dict[str, dict[str, Any]]:
+    """Per level of the taxonomy (genres; styles): macro-AUROC, macro-AP and macro-F1 at the
+    threshold ``train`` chose for the level on held-out covers (0.5 where none was recorded)."""
+    from stylegen.evaluation.metrics import hierarchy_metrics
+    from stylegen.heads.train import class_levels
+
+    tax = engine.taxonomy
+    levels = class_levels(classes, tax) if tax is not None else {"genre": list(classes)}
+    name = engine.head_name(method)[1]
+    recorded = (((engine.head_config.get("calibration") or {}).get(name) or {}).get("thresholds")) or {}
+    thresholds = {level: float(recorded.get(level, 0.5)) for level in levels}
+    return hierarchy_metrics(lists, proba, classes, levels, min_support=1, thresholds=thresholds)
+
+
 def cross_validate(
     index_dir: str | Path,
     n_splits: int = 5,
@@ -179,11 +243,13 @@ def cross_validate(
     parts: Sequence[str] = PART_CHOICES,
     seed: int = 0,
     tabular: np.ndarray | None = None,
+    group_column: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """Artist-disjoint CV of each head on each feature part; returns (table, metrics)."""
+    """Artist-disjoint CV of each head on each feature part; returns (table, metrics).
+    ``group_column``: what keeps covers together (default ``artist``, else ``artist_group``)."""
     index = Index.open(index_dir, use_gpu=False)
     rows, y = labelled_rows(index.metadata, "single")
-    groups = artist_groups(index.metadata)[rows]
+    groups = artist_groups(index.metadata, group_column)[rows]
     sources = index.metadata["source"].to_numpy()[rows] if "source" in index.metadata else None
     results: dict[str, dict[str, Any]] = {}
     for part in parts:
@@ -203,6 +269,124 @@ def cross_validate(
     if tabular is not None:
         results.update(_cv_tabular(index, rows, y, groups, tabular, n_splits, seed))
     return compare_table(results), results
+
+
+MULTI_CV_HEADS = ("knn", "hierarchy")  # the multi-label heads `evaluate --cv` compares unless told
+
+
+def _grouped_label_folds(lists: Sequence[Sequence[str]], groups: np.ndarray, n_splits: int,
+                         seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group-disjoint folds stratified on each row's first label (its genre, after closure)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(set(groups)) < n_splits:
+        raise DataError(f"only {len(set(groups))} distinct groups for {n_splits} folds")
+    first = [labels[0] if labels else "" for labels in lists]
+    with warnings.catch_warnings():  # a label rarer than the folds: some folds lack it
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+                    .split(np.zeros(len(first)), first, groups))
+
+
+def _within(rows: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``folds`` restricted to ``rows`` (sorted positions), renumbered 0..len(rows)-1."""
+    pos = np.full(max((int(t.max()) for f in folds for t in f if len(t)), default=0) + 1, -1)
+    pos[rows] = np.arange(len(rows))
+    return [(pos[tr][pos[tr] >= 0], pos[te][pos[te] >= 0]) for tr, te in folds]
+
+
+def cross_validate_multi(
+    index_dir: str | Path,
+    n_splits: int = 5,
+    heads: Sequence[str] = MULTI_CV_HEADS,
+    label_columns: Sequence[str] | None = None,
+    taxonomy: str | Path | None = None,
+    group_column: str | None = None,
+    min_support: int = 10,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Grouped K-fold CV of multi-label heads, scored per level of the taxonomy.
+
+    Labels come from ``label_columns`` (default ``genres``); with a ``taxonomy`` they are
+    closed upward (a ``Genre---Style`` also labels its genre) and the classes split into
+    levels (genres; styles), as ``train`` does. Folds keep each group (``group_column``,
+    default ``artist``, else ``artist_group``) on one side and are stratified on each cover's
+    first label. Each head is fitted as ``train`` fits it (flat heads on the labels with at
+    least 10 covers when ``hierarchy`` is compared too, else 3) and scored with
+    :func:`~stylegen.evaluation.metrics.cv_level_scores` over the classes with at least
+    ``min_support`` covers; with a ``source`` column, also per source. Returns (table, metrics).
+    """
+    from stylegen.evaluation.metrics import cv_level_scores, label_matrix
+    from stylegen.heads.compiled import align_columns
+    from stylegen.heads.train import FLAT_MIN_COVERS, MULTI_HEAD_NAMES, class_levels, make_heads
+    from stylegen.sources.labels import Taxonomy, filter_genres, label_closure
+
+    if unknown := [h for h in heads if h not in MULTI_HEAD_NAMES]:
+        raise DataError(f"heads must be among {', '.join(MULTI_HEAD_NAMES)}, got {', '.join(unknown)}")
+    index = Index.open(index_dir, use_gpu=False)
+    meta = index.metadata
+    groups_all = artist_groups(meta, group_column)
+    tax = Taxonomy.named(taxonomy) if taxonomy is not None else None
+    rows, lists = labelled_rows(meta, "multi", label_columns)
+    if not len(rows):
+        raise DataError(f"no cover of {index_dir} has a label in {', '.join(label_columns or ['genres'])}")
+    if tax is not None:
+        lists = label_closure(lists, tax, keep_unknown=True)
+    classes = sorted({c for labels in lists for c in labels})
+    Y = label_matrix(lists, classes)
+    levels = class_levels(classes, tax) if tax is not None else {"genre": classes}
+    groups = groups_all[rows]
+    folds = _grouped_label_folds(lists, groups, n_splits, seed)
+    counts = Y.sum(axis=0)
+    floor = FLAT_MIN_COVERS if "hierarchy" in heads and (counts >= FLAT_MIN_COVERS).sum() >= 2 else 3
+    flat = filter_genres(lists, [c for c, n in zip(classes, counts, strict=True) if n >= floor])
+    X = np.ascontiguousarray(index.vectors[rows], dtype=np.float32)
+    sources = meta["source"].astype(str).to_numpy()[rows] if "source" in meta else None
+    factory = make_heads(True, seed, taxonomy=taxonomy)
+    results: dict[str, dict[str, Any]] = {}
+    for name in heads:
+        yy = lists if name == "hierarchy" else flat
+        P = np.zeros(Y.shape)
+        for train, test in folds:
+            kw = {"groups": groups[train]} if isinstance(factory[name], EnsembleHead) else {}
+            est = clone(factory[name]).fit(X[train], [yy[i] for i in train], **kw)
+            P[test] = align_columns(np.asarray(est.predict_proba(X[test]), np.float64),
+                                    [str(c) for c in est.classes_], classes)
+        res: dict[str, Any] = {"levels": cv_level_scores(P, Y, classes, levels, folds, min_support)}
+        if sources is not None and len(set(sources)) > 1:
+            res["by_source"] = {}
+            for src in sorted(set(sources)):
+                at = np.flatnonzero(sources == src)
+                res["by_source"][src] = cv_level_scores(P[at], Y[at], classes, levels, _within(at, folds), min_support)
+        if tax is not None:
+            col = {c: j for j, c in enumerate(classes)}
+            pairs = [(j, col[p]) for j, c in enumerate(classes) if (p := tax.parent(c)) is not None and p in col]
+            if pairs:
+                child, parent = (np.array(x) for x in zip(*pairs, strict=True))
+                res["child_above_parent"] = float((P[:, child] > P[:, parent] + 1e-9).mean())
+        results[name] = res
+    return multi_cv_table(results), results
+
+
+def multi_cv_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per head and level (and source): macro-AUROC and macro-AP (fold mean ± sd),
+    F1 at thresholds chosen on the other folds, and how often a style outscored its genre."""
+    rows = []
+    for name, res in results.items():
+        scopes = [("all", res["levels"]), *sorted((res.get("by_source") or {}).items())]
+        for scope, levels in scopes:
+            for level, r in levels.items():
+                rows.append({
+                    "head": name, "covers": scope, "level": f"{level} ({r['n_classes']} with >= {r['min_support']})",
+                    "macro-AUROC": f"{r['auroc']:.3f} ± {r['auroc_sd']:.3f}" if r["auroc"] is not None else "",
+                    "macro-AP": f"{r['ap']:.3f} ± {r['ap_sd']:.3f}" if r["ap"] is not None else "",
+                    "F1@t": r["f1"],
+                    "child > parent": (f"{100 * res['child_above_parent']:.2f}%"
+                                       if "child_above_parent" in res else ""),
+                })
+    return pd.DataFrame(rows).set_index("head") if rows else pd.DataFrame()
 
 
 TABULAR_VARIANTS = ("image", "tabular", "hybrid")

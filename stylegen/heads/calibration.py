@@ -94,6 +94,43 @@ def min_confidence(table: Sequence[Mapping[str, Any]], target: float = TARGET_PR
     return None
 
 
+# ---- thresholds for multi-label heads ------------------------------------------------
+def label_matrix(Y_true: Any, classes: Sequence[str]) -> np.ndarray:
+    """0/1 matrix (n, C) from label lists (labels not in ``classes`` ignored), or a 0/1
+    matrix passed through."""
+    if isinstance(Y_true, np.ndarray) and Y_true.ndim == 2:
+        if Y_true.shape[1] != len(classes):
+            raise DataError(f"label matrix has {Y_true.shape[1]} columns for {len(classes)} classes")
+        return (Y_true > 0).astype(int)
+    col = {str(c): j for j, c in enumerate(classes)}
+    Y = np.zeros((len(Y_true), len(classes)), dtype=int)
+    for i, labels in enumerate(Y_true):
+        Y[i, [col[str(lab)] for lab in labels if str(lab) in col]] = 1
+    return Y
+
+
+def best_threshold(Y_true: Any, proba: np.ndarray, classes: Sequence[str],
+                   grid: Sequence[float] | None = None, per_class: bool = False) -> float | np.ndarray:
+    """The one threshold (from ``grid``, default 0.02..0.98) with the best macro-F1 over the
+    classes that have a positive, or with ``per_class`` each class's best F1 threshold (0.5
+    for a class without positives); choose on training rows, then apply to test rows."""
+    Y = label_matrix(Y_true, classes).astype(bool)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape != Y.shape:
+        raise DataError(f"probabilities have shape {proba.shape}, labels {Y.shape}")
+    used = Y.sum(axis=0) > 0
+    if not used.any() and not per_class:
+        raise DataError("no class has a positive row: no threshold to choose")
+    grid = np.arange(0.02, 0.99, 0.02) if grid is None else np.asarray(grid, dtype=np.float64)
+    f1 = np.empty((len(grid), Y.shape[1]))
+    for i, t in enumerate(grid):
+        pred = proba >= t
+        f1[i] = 2 * (pred & Y).sum(axis=0) / np.maximum(pred.sum(axis=0) + Y.sum(axis=0), 1)
+    if per_class:  # argmax keeps the first (lowest) of equal thresholds
+        return np.where(used, grid[np.argmax(f1, axis=0)], 0.5)
+    return float(grid[np.argmax(f1[:, used].mean(axis=1))])
+
+
 # ---- temperature ---------------------------------------------------------------------
 def fit_temperature(proba: Any, y_index: Any, multi_label: bool) -> float:
     """The temperature in [0.05, 20] that minimises the negative log-likelihood of the scaled

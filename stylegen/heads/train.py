@@ -26,7 +26,8 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from stylegen import heads as head_classes
 from stylegen.errors import DataError, StylegenError
-from stylegen.heads.calibration import CalibratedHead, fit_predict
+from stylegen.heads.calibration import CalibratedHead, best_threshold, fit_predict
+from stylegen.heads.hierarchy import level_label
 from stylegen.heads.io import head_sets, write_head_set
 from stylegen.index.store import Index, exclusive
 from stylegen.sources.labels import (
@@ -34,6 +35,7 @@ from stylegen.sources.labels import (
     column_labels,
     filter_genres,
     label_closure,
+    label_parent,
     multi_labels,
     single_labels,
 )
@@ -132,6 +134,37 @@ def taxonomy_tree(taxonomy: Taxonomy, classes: Sequence[str]) -> dict[str, list[
     return tree
 
 
+def class_levels(classes: Sequence[str], taxonomy: Taxonomy) -> dict[str, list[str]]:
+    """The classes by level of the tree they form among themselves: a class whose taxonomy
+    parent (:func:`~stylegen.sources.labels.label_parent`) is not a class is a top-level one
+    ("genre"); below come "style", "level2", ... Flat classes are one level, "genre"."""
+    present = {str(c) for c in classes}
+    up = {c: p if (p := label_parent(c, taxonomy)) in present else None for c in present}
+    out: dict[str, list[str]] = {}
+    for c in map(str, classes):
+        depth, node = 0, c
+        while (node := up[node]) is not None and depth < len(present):
+            depth += 1
+        out.setdefault(level_label(depth), []).append(c)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "genre", kv[0] != "style", kv[0])))
+
+
+def level_thresholds(cal: CalibratedHead, levels: dict[str, list[str]]) -> dict[str, float] | None:
+    """Per level, the one threshold with the best macro-F1 of a multi-label head's calibrated
+    held-out predictions (None when calibration was skipped); ``evaluate`` scores F1 at it."""
+    if cal.oof_proba_ is None:
+        return None
+    column = {str(c): j for j, c in enumerate(cal.target_classes_)}
+    out = {}
+    for level, names in levels.items():
+        kept = [n for n in names if n in column]
+        cols = [column[n] for n in kept]
+        Y = np.asarray(cal.oof_targets_)[:, cols]
+        if cols and Y.any():
+            out[level] = best_threshold(Y, cal.oof_proba_[:, cols], kept)
+    return out
+
+
 def _validation_score(head: Any, X: np.ndarray, y: Any, groups: np.ndarray, seed: int,
                       fit_kw: dict[str, Any], extra: dict[str, np.ndarray]) -> float:
     """Macro-F1 (single) / accuracy of the top label (multi) on a group-disjoint 20% split."""
@@ -169,6 +202,7 @@ def train(
     calibrate: bool | None = None,
     calibration_folds: int = 1,
     label_columns: Sequence[str] | None = None,
+    group_column: str | None = None,
 ) -> dict[str, Any]:
     """Fit ``heads`` on the labelled covers of the index; returns what heads.json records.
 
@@ -182,7 +216,8 @@ def train(
     ``validate``): calibrate each head on held-out predictions, from the same artist-disjoint
     80/20 split (``calibration_folds=1``: no fit beyond the validation one) or from K-fold
     out-of-fold predictions (K extra fits per head). ``validate=False`` alone is a quick
-    train with neither.
+    train with neither. ``group_column``: the metadata column whose covers stay on one side of
+    every split (default ``artist``, else ``artist_group``: :func:`artist_groups`).
 
     Holds the index's lock (:func:`~stylegen.index.store.exclusive`) from reading the vectors
     to naming the new head set, as ``embed`` does: two runs never write one index at once.
@@ -196,22 +231,25 @@ def train(
         raise StylegenError("--label-column needs --labels multi")
     tax = Taxonomy.named(taxonomy)  # a bad file: its one-line error before any lock or fit
     root = Path(index_dir)
-    Index.open(root, use_gpu=False)  # no index: its one-line error, before a lock file is made
+    meta = Index.open(root, use_gpu=False).metadata  # no index: its one-line error, before a lock file is made
+    artist_groups(meta, group_column)  # an unknown column: its one-line error too
     with exclusive(root):
         clean_temporary(head_sets(root).base)  # what a killed train was writing
         return _train(Index.open(root, use_gpu=False), heads, labels, taxonomy, tabular, tabular_columns,
                       seed, validate, validate if calibrate is None else calibrate, calibration_folds,
-                      label_columns, tax)
+                      label_columns, tax, group_column)
 
 
 def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path | None,
            tabular: np.ndarray | None, tabular_columns: Sequence[str] | None, seed: int,
            validate: bool, calibrate: bool = False, calibration_folds: int = 1,
-           label_columns: Sequence[str] | None = None, tax: Taxonomy | None = None) -> dict[str, Any]:
+           label_columns: Sequence[str] | None = None, tax: Taxonomy | None = None,
+           group_column: str | None = None) -> dict[str, Any]:
     tax = tax or Taxonomy.named(taxonomy)
     rows, y = labelled_rows(index.metadata, labels, label_columns)
+    closure = labels == "multi" and taxonomy is not None and "hierarchy" in heads
     if labels == "multi":
-        if taxonomy is not None and "hierarchy" in heads:  # a Genre---Style also labels its Genre
+        if closure:  # a Genre---Style also labels its Genre
             y = label_closure(y, tax, keep_unknown=True)
         counts = pd.Series([g for gs in y for g in gs]).value_counts()
         floor = FLAT_MIN_COVERS if "hierarchy" in heads else 3  # the hierarchy keeps what flat heads drop
@@ -220,12 +258,13 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
         dropped = sorted(counts[counts < floor].index)
         flat_y = filter_genres(y, set(counts.index) - set(dropped))  # rows stay: the hierarchy keeps all
     else:
-        rows, y, dropped = drop_rare(rows, y, min_count=3)
+        floor = 3
+        rows, y, dropped = drop_rare(rows, y, min_count=floor)
         flat_y = y
     if len(rows) < 4:
         raise DataError(f"the index has {len(rows)} labelled covers; at least 4 are needed to train")
     X = np.ascontiguousarray(index.vectors[rows], dtype=np.float32)
-    groups = artist_groups(index.metadata)[rows]
+    groups = artist_groups(index.metadata, group_column)[rows]
     extra = {}
     if tabular is not None:
         if len(tabular) != len(index):
@@ -259,6 +298,10 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
     trainable = [h for h in TRAINABLE if h in heads]
     default_head = max(trainable, key=lambda h: scores.get(h) or 0) if trainable else heads[0]
     classes = [str(c) for c in fitted_heads[default_head].classes_]
+    levels = class_levels(classes, tax) if labels == "multi" else None
+    for name, fitted in fitted_heads.items():  # multi-label: F1 thresholds per level, held out
+        if levels is not None and isinstance(fitted, CalibratedHead) and name in calibration:
+            calibration[name]["thresholds"] = level_thresholds(fitted, levels)
     method = default_method(heads, scores, default_head)
     used = {"head": default_head}.get(method, method)  # the head the default method answers with
     table = used_head.precision_coverage() if isinstance(used_head := fitted_heads.get(used), CalibratedHead) else None
@@ -279,6 +322,11 @@ def _train(index: Index, heads: Sequence[str], labels: str, taxonomy: str | Path
         "train_rows": [int(r) for r in rows],
         "tabular_columns": list(tabular_columns) if tabular_columns is not None else None,
         "label_columns": list(label_columns) if label_columns else None,
+        "flat_min_covers": floor if labels == "multi" else 3,
+        "label_closure": closure,  # labels were closed upward through the taxonomy
+        "taxonomy_name": None if taxonomy is None else str(taxonomy),  # as given: "discogs", a file
+        "levels": levels,
+        "group_column": group_column,
         "seed": seed,
     }
     write_head_set(index.root, fitted_heads, config, index.feature_id)
