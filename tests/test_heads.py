@@ -406,3 +406,19 @@ def test_multi_label_linear_head_gives_a_rare_label_its_base_rate_instead_of_fai
     shared = [cls.index(c) for c in alone.classes_]
     np.testing.assert_allclose(proba[:, shared], alone.predict_proba(X[:20]), atol=1e-6)
     assert np.isnan(head.C_[cls.index("rock---zeuhl")]) and not np.isnan(head.C_[shared]).any()
+
+
+def test_one_C_is_used_as_given_without_a_search(data):
+    """Cs with one value: a plain regression at that C (the multi-label default, where a
+    per-label search costs 19 fits per label), the same as scikit-learn's at that C."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (X, y), (X_test, _) = data
+    head = LinearHead(Cs=(0.01,)).fit(X, y)
+    assert head.C_ == 0.01
+    Z = StandardScaler().fit(X)
+    ref = LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000).fit(Z.transform(X), y)
+    np.testing.assert_allclose(head.predict_proba(X_test), ref.predict_proba(Z.transform(X_test)), atol=1e-5)
+    Xm, ym = multi_blobs(200, 6)
+    assert np.all(LinearHead(multi_label=True, Cs=(0.001,)).fit(Xm, ym).C_ == 0.001)

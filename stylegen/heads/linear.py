@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegressionCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -20,7 +20,8 @@ from stylegen.sources.labels import decode_predictions, encode_targets
 
 
 class LinearHead(ClassifierMixin, BaseEstimator):
-    """Class-balanced logistic regression; C picked from ``Cs`` by ``cv``-fold log-loss.
+    """Class-balanced logistic regression; C picked from ``Cs`` by ``cv``-fold log-loss (one
+    value in ``Cs``: that C, no search).
 
     Features are standardised first (a StandardScaler in the pipeline): on L2-normalised
     vectors every coordinate is tiny, and scaling lets one grid of ``Cs`` suit any backbone.
@@ -64,7 +65,9 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             if counts.min() < 2:
                 rare = self.classes_[np.argmin(counts)]
                 raise DataError(f"class {rare!r} has fewer than 2 examples; drop or merge it")
-        logistic = LogisticRegressionCV(
+        logistic = LogisticRegression(
+            C=float(self.Cs[0]), class_weight="balanced", max_iter=self.max_iter,
+            random_state=self.random_state) if len(self.Cs) == 1 else LogisticRegressionCV(
             Cs=list(self.Cs),
             cv=StratifiedKFold(int(min(self.cv, counts.min())), shuffle=True,
                                random_state=self.random_state),
@@ -87,11 +90,15 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     def C_(self) -> float | np.ndarray:
         """The chosen C (one per label for multi-label heads; NaN for a constant label)."""
         check_is_fitted(self)
+
+        def chosen(est: Any) -> Any:
+            return est.C_ if hasattr(est, "C_") else est.C  # a fixed C has no search result
+
         if not self.multi_label:
-            return self.model_[-1].C_
+            return chosen(self.model_[-1])
         out = np.full(len(self.classes_), np.nan)
         if self.model_ is not None:
-            out[self.fitted_labels_] = [est.C_ for est in self.model_[-1].estimators_]
+            out[self.fitted_labels_] = [chosen(est) for est in self.model_[-1].estimators_]
         return out
 
     def compile(self) -> CompiledLinear:

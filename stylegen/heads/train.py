@@ -50,7 +50,10 @@ def make_heads(multi: bool, seed: int = 0, mlp_mode: str = "image",
                taxonomy: str | Path | None = None) -> dict[str, Any]:
     """Unfitted heads with the project's defaults (also used by cross-validation); with
     ``multi`` also the ``hierarchy`` head over ``taxonomy`` (a name or file)."""
-    linear = head_classes.LinearHead(multi_label=multi, random_state=seed)
+    # multi-label: one C for every label (per-dimension standardised, C = 0.001: the best flat
+    # regression on the Discogs covers, docs/results_discogs.md); a per-label search of C costs
+    # 19 fits per label (6 Cs x 3 folds + 1): `train` on those covers ran for over 20 minutes
+    linear = head_classes.LinearHead(multi_label=multi, random_state=seed, **({"Cs": (0.001,)} if multi else {}))
     # with a table: a wider table branch, more patience and 5 averaged nets (5-fold CV on GTZAN,
     # docs/results_gtzan.md: hybrid macro-F1 0.754 -> 0.78)
     table_kw = {} if mlp_mode == "image" else {"tabular_hidden": (128,), "patience": 40, "n_models": 5}
