@@ -358,3 +358,20 @@ def test_evaluate_cv_compares_multi_label_heads_per_level_with_grouped_folds(sty
     assert res["hierarchy"]["child_above_parent"] == 0.0
     bad = CliRunner().invoke(app, ["evaluate", "--index", str(idx), "--cv", "3", "--group-column", "label"])
     assert bad.exit_code != 0 and "no column 'label'" in str(bad.exception)
+
+
+def test_multi_label_train_defaults_to_the_hierarchy_and_knn(styled_index, tmp_path):
+    """`train --labels multi` without --head fits the hierarchy and kNN only: the flat heads fit
+    one regression per label (on the Discogs covers all five heads took minutes, these two 12 s)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stylegen.apps.cli import app
+    from stylegen.heads.io import read_head_set
+
+    idx = shutil.copytree(styled_index[0], tmp_path / "idx")
+    out = CliRunner().invoke(app, ["train", "--index", str(idx), "--labels", "multi", "--label-column", "styles",
+                                   "--taxonomy", "discogs"])
+    assert out.exit_code == 0, out.output
+    assert read_head_set(idx)["heads"] == ["hierarchy", "knn"]

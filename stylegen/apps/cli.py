@@ -125,8 +125,9 @@ def _table(rows, tabular: Path | None, columns: str | None, key: str):
 @app.command()
 def train(
     index: IndexDir = Path("indexes/default"),
-    head: Annotated[list[str], typer.Option(help=(
-        "linear | mlp | knn | ensemble | hierarchy | all (repeatable; hierarchy needs --labels multi)."))] = ["all"],  # noqa: B006
+    head: Annotated[list[str] | None, typer.Option(help=(
+        "linear | mlp | knn | ensemble | hierarchy | all (repeatable; hierarchy needs --labels multi). Default: "
+        "linear, mlp, knn, ensemble; with --labels multi: hierarchy, knn."))] = None,
     labels: Annotated[str, typer.Option(help="single (genre) | multi (|-separated label sets).")] = "single",
     label_column: Annotated[list[str] | None, typer.Option("--label-column", help=(
         "With --labels multi: the |-separated column(s) holding labels (repeatable; default genres, else genre)."))] = None,
@@ -150,6 +151,8 @@ def train(
     from stylegen.heads.train import train as run_train
     from stylegen.index.store import Index
 
+    if not head:  # multi-label: the flat heads fit one model per label (minutes), the hierarchy scores best
+        head = ["hierarchy", "knn"] if labels == "multi" else ["all"]
     heads = list(MULTI_HEAD_NAMES if labels == "multi" else HEAD_NAMES) if "all" in head else head
     table, cols = _table(Index.open(index, use_gpu=False).metadata, tabular, tabular_columns, tabular_key)
     cfg = run_train(index, heads, labels, taxonomy, table, cols, seed, calibrate=calibrate,
@@ -335,6 +338,14 @@ def serve(
         "--allow-host", help="Accept this Host name too (repeatable; '*': any). Loopback names always are.")] = None,
     rate_limit: Annotated[str, typer.Option(
         help="Per client: classify/similar requests and failed logins, N/min (or N/s, N/h); 0: off.")] = "120/min",
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Answer up to this many requests with one forward pass (1: one at a time).")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(
+        min=0, help="How long a request waits for others to join its batch when the server is idle.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(
+        min=1, help="Requests waiting at once; beyond that 503 with Retry-After.")] = 32,
+    forward_batch: Annotated[int, typer.Option(
+        min=1, help="Images per forward pass within a batch (the fastest size depends on the CPU).")] = 16,
 ) -> None:
     """Serve the web page and the JSON API (classify, similar, thumbnails)."""
     from stylegen.apps.service import RateLimiter, hosts_for_bind
@@ -349,7 +360,9 @@ def serve(
             f"the genres of model {engine.index.root.name} (similar covers need --index)")
     typer.echo(f"serving {what} on http://{host}:{port}  (API schema: /openapi.json)" + login)
     run_serve(engine, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-              token=token, allow_hosts=allow_host or (), rate_limit=rate_limit)
+              token=token, allow_hosts=allow_host or (), rate_limit=rate_limit,
+              batch_size=batch_size, batch_window_ms=batch_window_ms, max_queue=max_queue,
+              forward_batch=forward_batch)
 
 
 library_app = typer.Typer(no_args_is_help=True, help="Genres for a music library: scan album art, tag, undo.")
