@@ -229,3 +229,21 @@ def test_covers_are_grouped_by_artist_else_by_artist_group():
     assert artist_groups(both, "artist_group").tolist() == ["x", "y", "z"]
     with pytest.raises(DataError, match="no column 'label'"):
         artist_groups(both, "label")
+
+
+def test_packaged_covers9_map_sends_every_genre_to_discogs_labels_the_taxonomy_knows(tmp_path):
+    """The 9 genres of ../shared/data/covers map onto Discogs genres (metal: Rock and its
+    generic metal style); every target is in the packaged Discogs taxonomy, an unknown label is
+    dropped (or kept), and a bad map file is a one-line DataError."""
+    from stylegen.sources.labels import Taxonomy, label_map, map_labels
+
+    mapping = label_map("covers9-discogs")
+    assert set(mapping) == {"rock", "electronic", "hip-hop", "pop", "jazz", "classical", "reggae", "country", "metal"}
+    tax = Taxonomy.discogs()
+    assert all(tax.find(t) is not None for targets in mapping.values() for t in targets)
+    assert map_labels([["metal"], ["hip-hop", "polka"]], mapping) == [["rock", "rock---heavy metal"], ["hip hop"]]
+    assert map_labels([["polka"]], mapping, keep_unknown=True) == [["polka"]]
+    bad = tmp_path / "m.json"
+    bad.write_text('{"rock": 3}')
+    with pytest.raises(DataError, match="must map to a label"):
+        label_map(bad)
