@@ -15,6 +15,16 @@ best of ``--repeats`` is reported, with the ratio to torch. ``--graph-variants``
 the exported graph with the tap activations as outputs and the Gram matrices in numpy
 (the alternative to computing them inside the graph). Prints the CPU model, its flags and
 the load average. Reads ../shared/data/covers; exits with a message when absent.
+
+    python scripts/bench_embed.py --stages [--n 1024] [--repeats 2]
+
+``--stages`` (issue 24) times, in one run: the naive loop (per cover: PIL full decode and
+resize, eager torch fp32 at batch 1: what one would write first), the forward pass alone
+(ONNX Runtime, batch 16, pre-decoded covers), ``stylegen.embed()`` into a fresh index with
+every stage timed per cover (hashing, decoding, forward pass with the Gram matrices and
+pooling inside the graph, raw feature writes, reading raw features back, compression fit and
+transform, FAISS and the snapshot writes), and the ``stylegen embed`` command as a whole
+process; all at the same input size, with the ratios the issue asks for.
 """
 
 from __future__ import annotations
@@ -80,6 +90,154 @@ def whole_process(csv: Path, runtime: str, size: int) -> float:
         subprocess.run(cmd, check=True, capture_output=True)
         wall = time.perf_counter() - t
     return len(pd.read_csv(csv)) / wall
+
+
+class StageTimer:
+    """Wraps library functions in place to add up the seconds spent in each (per stage)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, name: str, stage: str) -> None:
+        fn = getattr(owner, name)
+        timer = self
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - t
+
+        self.undo.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, staticmethod(timed) if isinstance(owner.__dict__[name], staticmethod)
+                else classmethod(lambda cls, *a, **k: timed(*a, **k)) if isinstance(owner.__dict__[name], classmethod)
+                else timed)
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self.undo):
+            setattr(owner, name, original)
+        self.undo.clear()
+
+
+STAGES = (  # (module, attribute, stage); nested ones are marked in the table
+    ("stylegen.sources.images", "hash_files", "hash (read + sha1)"),
+    ("stylegen.sources.images", "decode", "decode (read, JPEG draft, resize)"),
+    ("stylegen.featurize.runtime", "GraphFeaturizer.__call__", "forward + Gram + pool (in the graph)"),
+    ("stylegen.index.ingest", "write_shard", "raw feature writes (shards)"),
+    ("stylegen.index.build", "_gather", "read raw back (float16 -> float32)"),
+    ("stylegen.index.compress", "Compressor.fit", "compression fit (PCA)"),
+    ("stylegen.index.build", "_transform", "compression transform (incl. its raw reads)"),
+    ("stylegen.index.ann", "build", "FAISS index build + add"),
+    ("stylegen.index.build", "write_snapshot", "snapshot writes (incl. FAISS build)"),
+)
+
+
+def embed_stages(csv: Path, size: int) -> tuple[dict[str, float], float, int]:
+    """``stylegen.embed()`` into a fresh index with each stage timed: (seconds per stage,
+    wall seconds, covers added)."""
+    import importlib
+
+    import stylegen
+
+    timer = StageTimer()
+    for module, attr, stage in STAGES:
+        owner = importlib.import_module(module)
+        for part in attr.split(".")[:-1]:
+            owner = getattr(owner, part)
+        timer.wrap(owner, attr.split(".")[-1], stage)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            report = stylegen.embed(csv, Path(d) / "idx", config(size), device="cpu", runtime="onnx", progress=False)
+            wall = time.perf_counter() - t
+    finally:
+        timer.restore()
+    return timer.seconds, wall, report.added
+
+
+def naive(paths: list[str], size: int) -> float:
+    """Images per second of the naive loop: per cover PIL full decode + resize, eager torch
+    fp32 at batch 1 (the library's own torch featurizer, Gram and pooling included)."""
+    import torch
+    from PIL import Image
+
+    from stylegen.featurize import backbones
+    from stylegen.featurize.features import Featurizer
+
+    cfg = config(size)
+    feat = Featurizer(backbone=backbones.build(cfg.backbone), config=cfg.features, device=torch.device("cpu"),
+                      precision="fp32", channels_last=False)
+
+    def one(path: str) -> None:
+        img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+        feat(np.asarray(img)[None])
+
+    one(paths[0])
+    t = time.perf_counter()
+    for p in paths:
+        one(p)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def decoded(paths: list[str], size: int) -> np.ndarray:
+    from stylegen.config import Preprocess
+    from stylegen.sources import images
+
+    spec = Preprocess(size=size)
+    return np.stack([images.prepare(p, spec) for p in paths])
+
+
+def forward_on(pixels: np.ndarray, batch_size: int, size: int) -> float:
+    """Images per second of the ONNX featurizer alone on real pre-decoded covers."""
+    from stylegen.featurize.runtime import load_featurizer
+
+    feat = load_featurizer(config(size), "cpu", "auto", runtime="onnx")
+    feat(pixels[:batch_size])
+    t = time.perf_counter()
+    for a in range(0, len(pixels), batch_size):
+        feat(pixels[a : a + batch_size])
+    return len(pixels) / (time.perf_counter() - t)
+
+
+def stages_main(args: argparse.Namespace, rows: pd.DataFrame) -> None:
+    """The issue-24 table: per-stage ms per cover, forward-only, whole call, command, naive."""
+    batch = 16
+    paths = rows["image"].tolist()
+    print(cpu_line())
+    print(f"n={len(rows)} real covers, input {args.image_size} px, ONNX Runtime, batch {batch}, best of {args.repeats}")
+    pixels = decoded(paths[: min(len(paths), 256)], args.image_size)
+    naive_n = paths[: min(len(paths), 128)]
+    best: dict[str, float] = {}
+    per_stage: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        csv = Path(d) / "bench.csv"
+        rows.to_csv(csv, index=False)
+        embed_stages(csv, args.image_size)  # warm-up: imports (scikit-learn), export cache, page cache
+        for _ in range(args.repeats):
+            f = forward_on(pixels, batch, args.image_size)
+            seconds, wall, added = embed_stages(csv, args.image_size)
+            c = whole_process(csv, "onnx", args.image_size)
+            nv = naive(naive_n, args.image_size)
+            if added / wall > best.get("whole", 0):
+                per_stage = {k: v / added for k, v in seconds.items()}
+                best["whole_wall"] = wall / added
+            for key, v in (("forward", f), ("whole", added / wall), ("command", c), ("naive", nv)):
+                best[key] = max(best.get(key, 0.0), v)
+    fwd_ms = 1000 / best["forward"]
+    print("\n| stage (stylegen.embed(), fresh index) | ms per cover |\n|---|---:|")
+    for _, _, stage in STAGES:
+        if stage in per_stage:
+            print(f"| {stage} | {1000 * per_stage[stage]:.2f} |")
+    print(f"| **whole call, wall** | **{1000 * best['whole_wall']:.2f}** |")
+    print(f"| forward pass alone (batch {batch}, pre-decoded; same run) | {fwd_ms:.2f} |")
+    print("\n| measurement | img/s | ratio |\n|---|---:|---|")
+    print(f"| naive loop (PIL full decode, torch fp32, batch 1) | {best['naive']:.1f} | 1.00 x naive |")
+    print(f"| forward only (ONNX Runtime, batch {batch}) | {best['forward']:.1f} | {best['forward'] / best['naive']:.2f} x naive |")
+    print(f"| `stylegen.embed()` whole call | {best['whole']:.1f} | **{best['whole'] / best['forward']:.0%} of forward-only** |")
+    print(f"| `stylegen embed` command (whole process) | {best['command']:.1f} | **{best['command'] / best['naive']:.2f} x naive** |")
+    print(cpu_line())
 
 
 def graph_variants(n: int, batch_size: int) -> dict[str, float]:
@@ -151,6 +309,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
     ap.add_argument("--runtimes", default="torch,onnx,openvino")
     ap.add_argument("--graph-variants", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="per-stage times per cover, naive loop, ratios (issue 24)")
     ap.add_argument("--image-size", type=int, default=None,
                     help="input size for both measurements (default: a new index's, 320)")
     args = ap.parse_args()
@@ -167,6 +326,9 @@ def main() -> None:
     batch = default_batch_size("cpu")
     rows = pd.read_csv(COVERS).sample(args.n, random_state=0)
     rows["image"] = [str(COVERS.parent / p) for p in rows["image"]]
+    if args.stages:
+        stages_main(args, rows)
+        return
     print(cpu_line())
     print(f"n={args.n} (end to end), {args.fwd_n} (forward), batch={batch}, input {args.image_size} px, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, runtimes {runtimes}")

@@ -6,9 +6,16 @@ at a fixed concurrency, alternately to /similar and /classify, each uploading a 
 and prints a markdown report: p50/p95 latency per endpoint, throughput, errors and this
 process's resident memory before and after.
 
-    python scripts/load_test.py --index indexes/covers            # the real engine
+    python scripts/load_test.py --index indexes/covers --covers ../shared/data/discogs-styles/covers.csv
     python scripts/load_test.py --fake -n 200 --concurrency 8     # service overhead only
+    python scripts/load_test.py --index indexes/covers --covers ../shared/data/discogs-styles/covers.csv \
+        --compare --concurrency 1,4,16 -n 400                     # unbatched vs batched, same run
 
+Uploads the index already holds (same bytes) are answered from stored vectors by hash, which
+flatters the figures, so they are left out (and counted) unless ``--include-indexed``: load
+test with covers the index does not hold. ``--compare`` runs, for each concurrency, the
+service one request at a time (``batch_size=1``, the baseline) and micro-batched, alternately,
+and prints the ratio. ``--sweep-window`` / ``--sweep-batch`` try other batching settings.
 Client and server share one process (and its GIL), so latencies include client overhead.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import socket
 import statistics
 import sys
@@ -84,7 +92,7 @@ class FakeEngine:
                 for r, i in enumerate(ids)]
 
     def query(self, item, *, top: int = 3, method: str | None = None, k: int = 0,
-              by: str = "both", classify: bool = True, label: str | None = None):
+              by: str = "both", classify: bool = True, label: str | None = None, explain: bool = False):
         from types import SimpleNamespace
 
         from stylegen.sources.images import open_image
@@ -142,6 +150,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def new_covers(engine, payloads: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], int]:
+    """The uploads whose bytes the index does not hold, and how many it does hold."""
+    from stylegen.sources.images import hash_bytes
+
+    rows = engine.index.lookup_hashes([hash_bytes(data) for _, data in payloads])
+    fresh = [p for p, row in zip(payloads, rows, strict=True) if row is None]
+    return fresh, len(payloads) - len(fresh)
+
+
+def cpu_line() -> str:
+    """CPU model, vector flags that matter here, cores and the load average."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags) or 'none'}"
+            f"; load average {load}")
+
+
 @dataclass
 class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in ENDPOINTS})
@@ -189,6 +223,10 @@ def run_load(base_url: str, payloads: list[tuple[str, bytes]], *, requests: int,
             for future in [pool.submit(worker) for _ in range(concurrency)]:
                 future.result()
     return tally, time.perf_counter() - started
+
+
+def all_latencies(tally: Tally) -> list[float]:
+    return [x for lat in tally.latencies.values() for x in lat]
 
 
 def report(tally: Tally, wall: float, rss_before: int | None, rss_after: int | None,
@@ -244,6 +282,37 @@ def start_server(app) -> tuple[str, object, threading.Thread]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
 
 
+def parse_list(text: str, kind=int) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def run_one(engine, payloads, settings: dict, concurrency: int, args) -> dict:
+    """One server with ``settings``, a warm-up, then ``args.requests`` requests; the figures."""
+    from stylegen.apps.service import create_app
+
+    app = create_app(engine, rate_limit=None, **settings)  # measures throughput, not the limiter
+    url, server, thread = start_server(app)
+    try:
+        httpx.get(f"{url}/healthz", timeout=10).raise_for_status()
+        run_load(url, payloads[-2 * concurrency:], requests=2 * concurrency, concurrency=concurrency,
+                 max_seconds=30, k=args.k, top=args.top, by=args.by)  # warm-up, not counted
+        batcher = app.state.service.batcher
+        batches0, answered0 = batcher.batches, batcher.answered
+        rss_before = resident_bytes()
+        tally, wall = run_load(url, payloads, requests=args.requests, concurrency=concurrency,
+                               max_seconds=args.max_seconds, k=args.k, top=args.top, by=args.by)
+        rss_after = resident_bytes()
+        batches, answered = batcher.batches - batches0, batcher.answered - answered0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    lat = all_latencies(tally)
+    return {"tally": tally, "wall": wall, "rss": (rss_before, rss_after), "n": len(lat),
+            "errors": sum(tally.errors.values()), "rate": len(lat) / wall if wall else 0.0,
+            "p50": percentile(lat, 50), "p95": percentile(lat, 95),
+            "mean_batch": answered / batches if batches else 0.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -252,42 +321,95 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--covers", type=Path, default=DEFAULT_COVERS,
                         help="folder or CSV manifest of covers to upload (default: %(default)s)")
     parser.add_argument("-n", "--requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", default="8", help="one or more, comma-separated: 1,4,16")
     parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--max-covers", type=int, default=200, help="distinct covers to upload")
+    parser.add_argument("--max-covers", type=int, default=400, help="distinct covers to upload")
+    parser.add_argument("--include-indexed", action="store_true",
+                        help="also upload covers the index holds (answered by hash: flattering)")
     parser.add_argument("-k", type=int, default=12)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--by", choices=("style", "content", "both"), default="both")
+    parser.add_argument("--batch-size", type=int, default=None, help="service micro-batch (default: the service's)")
+    parser.add_argument("--batch-window-ms", type=float, default=None)
+    parser.add_argument("--decode-slots", type=int, default=None)
+    parser.add_argument("--forward-batch", type=int, default=None, help="featurizer chunk of a batch")
+    parser.add_argument("--sweep-forward", default="", help="featurizer chunks to try, e.g. 1,4,16")
+    parser.add_argument("--compare", action="store_true", help="also run one request at a time (batch size 1)")
+    parser.add_argument("--sweep-window", default="", help="batch windows to try, ms, e.g. 0,2,5,10,20")
+    parser.add_argument("--sweep-batch", default="", help="batch sizes to try, e.g. 4,8,16,32")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each setting (alternating); best kept")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
+    concurrencies = parse_list(args.concurrency)
+    if args.requests < 1 or not concurrencies or min(concurrencies) < 1 or args.max_seconds <= 0:
         parser.error("--requests, --concurrency and --max-seconds must be positive")
 
-    from stylegen.apps.service import create_app
-
-    files = list_covers(args.covers, args.max_covers)
+    files = list_covers(args.covers, 100_000 if not args.fake else args.max_covers)
     payloads = [(p.name, p.read_bytes()) for p in files]
+    held = 0
     if args.fake:
         engine = FakeEngine(files)
     else:
         from stylegen.query.engine import Engine
 
         engine = Engine.open(args.index)
-    url, server, thread = start_server(create_app(engine, rate_limit=None))  # measures throughput, not the limiter
-    try:
-        httpx.get(f"{url}/healthz", timeout=10).raise_for_status()
-        rss_before = resident_bytes()
-        tally, wall = run_load(url, payloads, requests=args.requests,
-                               concurrency=args.concurrency, max_seconds=args.max_seconds,
-                               k=args.k, top=args.top, by=args.by)
-        rss_after = resident_bytes()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        engine.featurizer  # noqa: B018  (loaded before any timing)
+        if not args.include_indexed:
+            payloads, held = new_covers(engine, payloads)
+            if not payloads:
+                raise SystemExit(f"every cover of {args.covers} is in the index: upload covers it does not hold "
+                                 "(e.g. --covers ../shared/data/discogs-styles/covers.csv), or --include-indexed")
+    payloads = payloads[: args.max_covers]
+    base = {k: v for k, v in (("batch_size", args.batch_size), ("batch_window_ms", args.batch_window_ms),
+                               ("decode_slots", args.decode_slots), ("forward_batch", args.forward_batch))
+            if v is not None}
+    variants: list[tuple[str, dict]] = []
+    if args.compare:
+        variants.append(("one at a time", {**base, "batch_size": 1, "batch_window_ms": 0}))
+    variants.append(("batched", base))
+    for w in parse_list(args.sweep_window, float):
+        variants.append((f"window {w:g} ms", {**base, "batch_window_ms": w}))
+    for b in parse_list(args.sweep_batch):
+        variants.append((f"batch {b}", {**base, "batch_size": b}))
+    for b in parse_list(args.sweep_forward):
+        variants.append((f"forward chunk {b}", {**base, "forward_batch": b}))
+
+    print(cpu_line())
     engine_name = "fake engine" if args.fake else f"index {args.index}"
-    settings = (f"{engine_name}, {len(payloads)} covers, concurrency {args.concurrency}, "
-                f"k={args.k}, top={args.top}, by={args.by}")
-    print(report(tally, wall, rss_before, rss_after, settings))
-    return 1 if sum(tally.errors.values()) else 0
+    print(f"{engine_name}; {len(payloads)} distinct uploads from {args.covers}"
+          + ("" if args.fake or args.include_indexed else f" that the index does not hold ({held} it holds left out)")
+          + f"; {args.requests} requests per run, alternately /similar (k={args.k}, by={args.by}) and "
+            f"/classify (top={args.top}); best of {args.repeats}\n")
+    results: dict[tuple[str, int], dict] = {}
+    for concurrency in concurrencies:
+        for _ in range(args.repeats):
+            for name, settings in variants:
+                r = run_one(engine, payloads, settings, concurrency, args)
+                key = (name, concurrency)
+                if key not in results or r["rate"] > results[key]["rate"]:
+                    results[key] = r
+    print("| service | concurrency | requests | errors | uploads/s | x one at a time | p50 ms | p95 ms "
+          "| mean batch |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for concurrency in concurrencies:
+        ref = results.get(("one at a time", concurrency))
+        for name, _ in variants:
+            r = results[(name, concurrency)]
+            ratio = f"{r['rate'] / ref['rate']:.2f}" if ref else "-"
+            print(f"| {name} | {concurrency} | {r['n']} | {r['errors']} | {r['rate']:.1f} | {ratio} | "
+                  f"{1000 * r['p50']:.0f} | {1000 * r['p95']:.0f} | {r['mean_batch']:.1f} |")
+    if len(variants) == 1 and len(concurrencies) == 1:
+        r = results[(variants[0][0], concurrencies[0])]
+        print()
+        print(report(r["tally"], r["wall"], *r["rss"], f"{engine_name}, concurrency {concurrencies[0]}"))
+    print()
+    print(cpu_line())
+    errors = sum(r["errors"] for r in results.values())
+    messages: dict[str, int] = {}
+    for r in results.values():
+        for m, n in r["tally"].messages.items():
+            messages[m] = messages.get(m, 0) + n
+    if messages:
+        print("\nErrors:\n" + "\n".join(f"- {n} x {m}" for m, n in sorted(messages.items())))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

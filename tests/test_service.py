@@ -304,7 +304,7 @@ def test_openapi_declares_bodies_and_errors(client: TestClient) -> None:
     assert_error(client.get("/redoc"), 404)
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/classify", "/similar", "/covers/{cover_id}", "/api/info", "/healthz"} <= set(paths)
-    fields = {"/classify": {"top", "method", "explain"}, "/similar": {"k", "by"}}
+    fields = {"/classify": {"top", "method", "explain"}, "/similar": {"k", "by", "verify"}}
     for path, extra in fields.items():
         operation = paths[path]["post"]
         body = operation["requestBody"]
@@ -567,9 +567,11 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_uploads_are_decoded_one_at_a_time(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """8 threads upload at once through the real engine: at most one image is decoded (and
-    held in memory) at any moment."""
+@pytest.mark.parametrize("slots", [1, 2])
+def test_uploads_are_decoded_at_most_decode_slots_at_a_time(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                                             slots: int) -> None:
+    """8 threads upload at once through the real engine: at most ``decode_slots`` images are
+    decoded (and held in memory) at any moment, and with 2 slots two do overlap."""
     active = [0]
     peak = [0]
     calls = []
@@ -597,10 +599,11 @@ def test_uploads_are_decoded_one_at_a_time(client: TestClient, monkeypatch: pyte
         endpoint = "/classify" if i % 2 else "/similar"
         return client.post(endpoint, files=upload(uploads[i], f"u{i}.jpg")).status_code
 
-    with ThreadPoolExecutor(8) as pool:
+    with TestClient(create_app(engine, rate_limit=None, decode_slots=slots), base_url=LOCAL) as client, \
+            ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(one, range(8)))
     assert statuses == [200] * 8
-    assert len(calls) == 8 and peak[0] == 1
+    assert len(calls) == 8 and peak[0] == slots
 
 
 class SlowEngine:

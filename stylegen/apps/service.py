@@ -6,11 +6,16 @@ so an upload gets exactly the answer ``stylegen classify`` gives for the same fi
 the index included (found by content hash, its own vote left out). Nothing lives at module
 level: every app owns its engine, its limits, its static files and its lock.
 
-Thread safety and memory: FastAPI runs the (synchronous) endpoints in its thread pool. An
-upload's bytes are read (at most ``max_upload_bytes``) outside the lock; decoding, embedding
-and search all happen inside ``Engine.query`` under one ``threading.Lock`` owned by the app,
-and thumbnails are decoded under the same lock, so at most one image is decoded at a time (a
-decoded image at the pixel limit is ~120 MB). Uploads must be JPEG, PNG, WebP, GIF or BMP by
+Micro-batching, thread safety and memory: FastAPI runs the (synchronous) endpoints in its
+thread pool. A query request takes one of ``max_queue`` places (else 503 with ``Retry-After``),
+reads its upload (at most ``max_upload_bytes``) and has it read by ``Engine.prepare`` (content
+hash, index lookup, decoding with the index's preprocessing) in its own thread, at most
+``decode_slots`` at a time (default 1: the one decode limiter, thumbnails included; a decoded
+image at the pixel limit is ~120 MB), while the worker runs the previous batch. It then waits for
+:class:`~stylegen.apps.batching.Batcher`'s one worker, which answers up to ``batch_size``
+requests that arrived within ``batch_window_ms`` with one ``Engine.query_batch`` call (one
+forward pass, the same answers as one at a time) under a ``threading.Lock`` owned by the app,
+the lock every other engine call takes too. Uploads must be JPEG, PNG, WebP, GIF or BMP by
 their first bytes; nothing else reaches a decoder.
 
 Access (like Jupyter's): requests whose Host is not a loopback name or an allowed name are
@@ -49,6 +54,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stylegen.apps.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING, DEFAULT_WINDOW_S, Batcher
 from stylegen.errors import (
     BadImageError,
     ImageTooLargeError,
@@ -101,6 +107,10 @@ class Engine(Protocol):
     def info(self) -> dict:
         """``{"count", "backbone", "parts", "genres", ...}``."""
         ...
+
+    # Optional (``stylegen.query.engine.Engine`` has both; without them an upload is decoded
+    # by ``query`` in the batch worker, one request at a time):
+    # prepare(item, label) -> prepared item; query_batch([(item, options), ...]) -> results.
 
 
 # --------------------------------------------------------------------------- errors
@@ -532,7 +542,8 @@ def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "malformed request (both an image and an id)", 404: "unknown cover id",
             413: "upload or image too large", 415: f"not a {UPLOAD_FORMATS} image",
             422: "invalid or missing field", 500: "server misconfigured (index or heads missing)",
-            401: "the token is missing or wrong", 429: "too many requests (see Retry-After)"}
+            401: "the token is missing or wrong", 429: "too many requests (see Retry-After)",
+            503: "the service is busy: its queue is full (see Retry-After)"}
     return {c: {"description": text[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for c in codes}
 
@@ -583,22 +594,32 @@ TOP_FIELD = {"top": {"type": "integer", "minimum": 1, "maximum": MAX_TOP, "defau
 METHOD_FIELD = {"method": {"type": "string", "enum": list(METHODS),
                            "description": "default: the index's validated best"}}
 SIMILAR_FIELDS = {"k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-                  "by": {"type": "string", "enum": list(BY), "default": "both"}}
+                  "by": {"type": "string", "enum": list(BY), "default": "both"},
+                  "verify": {"type": "boolean", "default": False}}
 
 IdForm = Annotated[int | None, Form(alias="id", ge=0, description="cover id in the index")]
 # an image part without a filename arrives as text (RFC 7578 makes the filename optional)
 ImageFile = Annotated[UploadFile | str | None, File(description=f"a cover image ({UPLOAD_FORMATS})")]
 
 
-class _Service:
-    """What the routes share: the engine, the lock that serialises its calls and every image
-    decode (the one decode limiter), the upload limit, a thumbnail cache, the maps laid out
-    so far and the paths error messages leave out."""
+DEFAULT_DECODE_SLOTS = 1  # one decoded image in memory at a time; it still overlaps the batch running
 
-    def __init__(self, engine: Engine, max_upload_bytes: int) -> None:
+
+class _Service:
+    """What the routes share: the engine, the lock that serialises its calls, the decode
+    slots (the one decode limiter), the batcher, the upload limit, a thumbnail cache, the maps
+    laid out so far and the paths error messages leave out."""
+
+    def __init__(self, engine: Engine, max_upload_bytes: int, *, batch_size: int = DEFAULT_MAX_BATCH,
+                 batch_window_ms: float = 1000 * DEFAULT_WINDOW_S, max_queue: int = DEFAULT_MAX_PENDING,
+                 decode_slots: int | None = None, forward_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.engine = engine
+        self.forward_batch = forward_batch
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(decode_slots or DEFAULT_DECODE_SLOTS)
+        self.batcher = Batcher(self._run_batch, max_batch=batch_size, window=batch_window_ms / 1000,
+                               max_pending=max_queue)
         self.maps: dict[str, dict] = {}  # by -> the map's data, laid out once per app
         self.thumbnail = functools.lru_cache(maxsize=512)(self._thumbnail)
         self.private = private_paths(engine)
@@ -608,7 +629,23 @@ class _Service:
             return fn(*args, **kwargs)
 
     def _thumbnail(self, path: str) -> bytes:
-        return self.locked(thumbnail_jpeg, pathlib.Path(path), THUMBNAIL_SIDE)
+        with self.decoding:
+            return thumbnail_jpeg(pathlib.Path(path), THUMBNAIL_SIDE)
+
+    def _run_batch(self, requests: list[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        """The batcher's worker: one ``query_batch`` for the batch (or ``query`` per request
+        for an engine without it); one result or exception per request."""
+        with self.lock:
+            batch = getattr(self.engine, "query_batch", None)
+            if batch is not None:
+                return batch(requests, batch_size=self.forward_batch)
+            out: list[Any] = []
+            for item, options in requests:
+                try:
+                    out.append(self.engine.query(item, **options))
+                except Exception as exc:  # noqa: BLE001  (answered to its own request only)
+                    out.append(exc)
+            return out
 
     def public_message(self, exc: Exception) -> str:
         """The error's message without server paths."""
@@ -632,16 +669,25 @@ class _Service:
         return data, filename
 
     def query(self, image: UploadFile | str | None, cover_id: int | None, **options: Any) -> tuple[dict, Any]:
-        """(query description, QueryResult) for an upload or a cover id, via ``Engine.query``."""
+        """(query description, QueryResult) for an upload or a cover id, answered in a batch
+        of requests by ``Engine.query_batch`` (the same answer as ``Engine.query``)."""
         if image is not None and cover_id is not None:
             raise RequestError("give either an image or an id, not both", 400)
-        if cover_id is not None:
-            result = self.locked(self.engine.query, cover_id, **options)
-            return {"kind": "id", "id": cover_id, "thumbnail": thumbnail_url(cover_id)}, result
-        if image is None:
+        if image is None and cover_id is None:
             raise RequestError("give an image upload (field 'image') or a cover id ('id')", 422)
-        data, filename = self.upload_bytes(image)
-        result = self.locked(self.engine.query, data, label=filename or "upload", **options)
+        with self.batcher.admit():
+            if cover_id is not None:
+                result = self.batcher.call(cover_id, options)
+                return {"kind": "id", "id": cover_id, "thumbnail": thumbnail_url(cover_id)}, result
+            assert image is not None
+            data, filename = self.upload_bytes(image)
+            label = filename or "upload"
+            item: Any = data
+            prepare = getattr(self.engine, "prepare", None)
+            if prepare is not None:  # hash, look up and decode here, while the worker runs a batch
+                with self.decoding:
+                    item = prepare(data, label)
+            result = self.batcher.call(item, {**options, "label": label})
         width, height = result.size or (None, None)
         query = {"kind": "upload", "filename": filename, "bytes": len(data),
                  "width": width, "height": height, "in_index": result.row is not None}
@@ -657,6 +703,11 @@ def create_app(
     token: str | None = None,
     allowed_hosts: Iterable[str] = (),
     rate_limit: str | None = DEFAULT_RATE_LIMIT,
+    batch_size: int = DEFAULT_MAX_BATCH,
+    batch_window_ms: float = 1000 * DEFAULT_WINDOW_S,
+    max_queue: int = DEFAULT_MAX_PENDING,
+    decode_slots: int | None = None,
+    forward_batch: int = DEFAULT_MAX_BATCH,
 ) -> FastAPI:
     """The stylegen HTTP app around ``engine``.
 
@@ -664,8 +715,13 @@ def create_app(
     received, and at most ``max_upload_bytes + 1`` bytes of the file are read), to JPEG, PNG,
     WebP, GIF and BMP (by their first bytes) and to the pixel limit of
     :mod:`stylegen.sources.images` (checked from the header before decoding, the same limit as
-    for the collection). Engine calls and thumbnail decodes are serialised by a lock owned by
-    this app (see the module docstring).
+    for the collection). Query requests are answered in micro-batches of up to ``batch_size``
+    arriving within ``batch_window_ms`` (``batch_size=1``: one at a time); at most
+    ``max_queue`` wait at once (more: 503 with ``Retry-After``); at most ``decode_slots``
+    images are decoded at once (None: one); a batch goes through the
+    featurizer ``forward_batch`` images at a time (the fastest size depends on the CPU:
+    docs/benchmarks.md, issue 24). Engine calls are serialised
+    by a lock owned by this app (see the module docstring).
 
     Requests must name a loopback host or one of ``allowed_hosts`` ("*": any) in their Host
     header; with a ``token`` every route but ``/healthz`` asks for it; ``rate_limit``
@@ -686,7 +742,9 @@ def create_app(
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(GuardMiddleware, hosts=allowed_host_names(allowed_hosts), token=token, limiter=limiter)
-    service = _Service(engine, max_upload_bytes)
+    service = _Service(engine, max_upload_bytes, batch_size=batch_size, batch_window_ms=batch_window_ms,
+                       max_queue=max_queue, decode_slots=decode_slots, forward_batch=forward_batch)
+    app.state.service = service  # its batcher's counters, for load tests and tests
     _add_error_handlers(app, service)
     _add_query_routes(app, service)
     _add_collection_routes(app, service)
@@ -700,7 +758,10 @@ def _add_error_handlers(app: FastAPI, service: _Service) -> None:
 
     @app.exception_handler(StylegenError)
     async def _stylegen_error(request: Request, exc: StylegenError) -> JSONResponse:
-        return error_response(http_status_for(exc), service.public_message(exc))
+        response = error_response(http_status_for(exc), service.public_message(exc))
+        if getattr(exc, "retry_after", None) is not None:  # the queue is full (503)
+            response.headers["Retry-After"] = str(exc.retry_after)  # type: ignore[attr-defined]
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -727,7 +788,7 @@ def _add_query_routes(app: FastAPI, service: _Service) -> None:
     """``POST /classify`` and ``POST /similar``: thin adapters over ``Engine.query``."""
 
     @app.post("/classify", summary="Genre of a cover",
-              responses=_error_responses(400, 404, 413, 415, 422, 500))
+              responses=_error_responses(400, 404, 413, 415, 422, 500, 503))
     def classify(
         image: ImageFile = None,
         cover_id: IdForm = None,
@@ -749,21 +810,24 @@ def _add_query_routes(app: FastAPI, service: _Service) -> None:
         return answer
 
     @app.post("/similar", summary="Covers that look alike",
-              responses=_error_responses(400, 404, 413, 415, 422, 500))
+              responses=_error_responses(400, 404, 413, 415, 422, 500, 503))
     def similar(
         image: ImageFile = None,
         cover_id: IdForm = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = DEFAULT_K,
         by: Annotated[By, Form()] = "both",
+        verify: Annotated[bool, Form()] = False,
     ) -> dict:
         """Upload a cover as ``image`` or name one with ``id``; ``k`` neighbours ``by`` style,
         content or both.
 
         Answers ``{"query": {...}, "k": 12, "by": "both", "neighbours": [{"id", "similarity",
         "genres", "artist", "album", "is_query", "thumbnail"}, ...]}``; ``is_query`` marks the
-        query itself when it is a cover of the index (by content hash).
+        query itself when it is a cover of the index (by content hash). ``verify``: copies of
+        the query verified by local features come first, with ``verified``, ``inliers`` and
+        ``transform`` on every neighbour.
         """
-        query, result = service.query(image, cover_id, k=k, by=by, classify=False)
+        query, result = service.query(image, cover_id, k=k, by=by, classify=False, **({"verify": True} if verify else {}))
         return {"query": query, "k": k, "by": by, "neighbours": with_thumbnails(to_plain(result.neighbours))}
 
 
@@ -869,12 +933,13 @@ def serve(
     token: str | None = None,
     allow_hosts: Iterable[str] = (),
     rate_limit: str | None = DEFAULT_RATE_LIMIT,
-    **limits: int,
+    **limits: Any,
 ) -> None:
     """Run the app with uvicorn (loopback only unless ``host`` says otherwise).
 
     Beyond loopback a ``token`` is required (see :func:`hosts_for_bind` for the Host names
-    then accepted). ``limits`` are passed to :func:`create_app` (``max_upload_bytes``).
+    then accepted). ``limits`` are passed to :func:`create_app` (``max_upload_bytes``,
+    ``batch_size``, ``batch_window_ms``, ``max_queue``, ``decode_slots``, ``forward_batch``).
     """
     import uvicorn
 

@@ -88,6 +88,9 @@ class _Item:
     content_hash: str | None = None
     size: tuple[int, int] | None = None
     pixels: np.ndarray | None = None
+    vector: np.ndarray | None = None  # embedded already (query_batch: one forward pass for all)
+    raw: dict[str, np.ndarray] | None = None  # its raw part vectors then (for explain)
+    source: Any = None  # prepare(): the item as given (path, bytes, image or id), for steps that reread it
 
 
 @dataclass
@@ -109,6 +112,8 @@ class Engine:
     _heads: dict[str, Any] = field(default_factory=dict, repr=False)
     _head_config: dict[str, Any] | None = field(default=None, repr=False)
     _raw: Any = field(default=None, repr=False)  # RawFeatures of the index, made on first use
+    _taxonomy: tuple[Any, Taxonomy] | None = field(default=None, repr=False)  # (tree, built from it)
+    _keypoints: Any = field(default=None, repr=False)  # verify's KeypointCache, made on first use
 
     @classmethod
     def open(cls, index_dir: str | Path | None = None, device: str = "auto", weights: str | None = None,
@@ -148,15 +153,16 @@ class Engine:
     # ---- the one query path ------------------------------------------------------------
     def query(self, item: QueryItem, *, top: int = 3, method: str | None = None, k: int = 0,
               by: str = "both", classify: bool = True, tabular: np.ndarray | None = None,
-              label: str | None = None, explain: bool = False) -> QueryResult:
-        """Genres (``classify``) and ``k`` nearest covers (by ``by``) of one item.
+              label: str | None = None, explain: bool = False, verify: bool = False) -> QueryResult:
+        """Genres (``classify``) and ``k`` nearest covers (by ``by``) of one item
+        (``verify``: copies verified by local features first, :mod:`stylegen.query.verify`).
 
         Raises :class:`BadImageError` for an unreadable image and
         :class:`UnknownCoverError` for an id that is not in the index.
         """
         results, bad = self.query_many([item], top=top, method=method, k=k, by=by, classify=classify,
                                        tabular=tabular, labels=None if label is None else [label],
-                                       keep_errors=True, explain=explain)
+                                       keep_errors=True, explain=explain, verify=verify)
         if bad:
             exc = bad[0]["error"]
             raise type(exc)(f"{bad[0]['image']}: {exc}")
@@ -166,7 +172,7 @@ class Engine:
                    k: int = 0, by: str = "both", classify: bool = True,
                    tabular: np.ndarray | None = None, labels: Sequence[str] | None = None,
                    batch_size: int = 32, keep_errors: bool = False,
-                   explain: bool = False) -> tuple[list[QueryResult], list[dict[str, Any]]]:
+                   explain: bool = False, verify: bool = False) -> tuple[list[QueryResult], list[dict[str, Any]]]:
         """:meth:`query` for many items; unreadable ones are skipped and returned as
         ``[{"image", "reason"}]``. ``tabular`` has one row per item (hybrid heads).
         ``explain``: fill each result's ``explanation`` (kNN voters, per-tap leave-out)."""
@@ -201,12 +207,77 @@ class Engine:
                 raw = self.raw_features(it.row) if it.row is not None else fresh_raw[i]
                 r.explanation = explain_one(self, r.vector, r.proba, r.classes, r.method, it.row, raw)
         if k > 0:
-            for r, hits in zip(results, self.neighbours(vectors, k, by, rows), strict=True):
-                r.neighbours = hits
+            from stylegen.query.verify import VERIFY_CANDIDATES, verify_neighbours
+
+            found = self.neighbours(vectors, max(k, VERIFY_CANDIDATES) if verify else k, by, rows)
+            for i, r, hits in zip(keep, results, found, strict=True):
+                r.neighbours = verify_neighbours(self, items[i], r.vector, hits, k, by) if verify else hits
         return results, bad
 
+    def prepare(self, item: QueryItem, label: str | None = None) -> _Item:
+        """Read one item as :meth:`query` does (content hash, index lookup, decoding with the
+        index's preprocessing), to be answered later by :meth:`query_batch`; lets a caller
+        decode in its own thread. Raises :class:`BadImageError` for an unreadable image."""
+        read = self._read(item, label)
+        if not isinstance(read, _Item):
+            raise type(read[1])(f"{read[0]}: {read[1]}")
+        if read.source is None:
+            read.source = item
+        return read
+
+    def query_batch(self, requests: Sequence[tuple[QueryItem | _Item, dict[str, Any]]], *,
+                    batch_size: int = 32) -> list[QueryResult | Exception]:
+        """Many queries, each with its own options (those of :meth:`query`), answered together:
+        the items not in the index go through the featurizer in one batch, then each group of
+        requests with the same options through :meth:`query_many` (heads and search batched).
+
+        Returns one entry per request, in order: its :class:`QueryResult`, or the exception
+        :meth:`query` would have raised for it alone (a bad item, or an error of its group);
+        one request's failure never fails another's. The answers are :meth:`query`'s: the
+        same vectors (a batch of the featurizer computes each row as alone, to float32
+        round-off) through the same heads and search.
+        """
+        out: list[QueryResult | Exception | None] = [None] * len(requests)
+        good: list[tuple[int, _Item]] = []
+        for i, (item, options) in enumerate(requests):
+            try:
+                good.append((i, self.prepare(item, options.get("label"))))
+            except StylegenError as exc:
+                out[i] = exc
+        fresh = [it for _, it in good if it.row is None and it.vector is None]
+        if fresh:
+            explain = any(requests[i][1].get("explain") for i, it in good if it.row is None)
+            raw: dict[int, dict[str, np.ndarray]] = {}
+            try:
+                vectors = self._vectors(fresh, batch_size, raw if explain else None)
+            except Exception:  # noqa: BLE001  (each query is then embedded alone, below)
+                vectors = None
+            if vectors is not None:
+                for j, it in enumerate(fresh):
+                    it.vector, it.raw = vectors[j], raw.get(j)
+        groups: dict[str, list[tuple[int, _Item]]] = {}
+        for i, it in good:
+            options = {k: v for k, v in requests[i][1].items() if k != "label"}
+            groups.setdefault(repr(sorted(options.items())), []).append((i, it))
+        for members in groups.values():
+            options = {k: v for k, v in requests[members[0][0]][1].items() if k != "label"}
+            try:
+                results, _ = self.query_many([it for _, it in members], **options, batch_size=batch_size)
+                for (i, _), r in zip(members, results, strict=True):
+                    out[i] = r
+            except Exception:  # noqa: BLE001  (one at a time: each gets its own answer or error)
+                for i, it in members:
+                    try:
+                        out[i] = self.query_many([it], **options, batch_size=batch_size)[0][0]
+                    except Exception as exc:  # noqa: BLE001
+                        out[i] = exc
+        return out  # type: ignore[return-value]
+
     def _read(self, item: QueryItem, label: str | None) -> _Item | tuple[str, BadImageError]:
-        """Find the item in the index by content hash, else decode it; or (label, reason)."""
+        """Find the item in the index by content hash, else decode it; or (label, reason).
+        An item :meth:`prepare` read already is taken as it is."""
+        if isinstance(item, _Item):
+            return item
         if isinstance(item, int | np.integer) and not isinstance(item, bool):
             row = self._row(int(item))
             return _Item(label or f"id:{row}", row, self.index.rows([row])["content_hash"].iloc[0])
@@ -235,7 +306,12 @@ class Engine:
         stored = [i for i, it in enumerate(items) if it.row is not None]
         if stored:
             out[stored] = np.asarray(self.index.vectors[[items[i].row for i in stored]], np.float32)
-        fresh = [i for i, it in enumerate(items) if it.row is None]
+        done = [i for i, it in enumerate(items) if it.row is None and it.vector is not None]
+        for i in done:  # embedded by query_batch, with every other query of its batch
+            out[i] = items[i].vector
+            if keep_raw is not None and items[i].raw is not None:
+                keep_raw[i] = items[i].raw
+        fresh = [i for i, it in enumerate(items) if it.row is None and it.vector is None]
         for a in range(0, len(fresh), batch_size):
             chunk = fresh[a : a + batch_size]
             raw = self.featurizer(np.stack([items[i].pixels for i in chunk]))
@@ -300,7 +376,11 @@ class Engine:
     @property
     def taxonomy(self) -> Taxonomy | None:
         tree = self.head_config.get("taxonomy")
-        return Taxonomy.from_tree(tree) if tree else None
+        if not tree:
+            return None
+        if self._taxonomy is None or self._taxonomy[0] is not tree:  # built once per head set, not per answer
+            self._taxonomy = (tree, Taxonomy.from_tree(tree))
+        return self._taxonomy[1]
 
     def head_name(self, method: str | None) -> tuple[str, str]:
         """(method, head file name) for a classify method (None: the validated default)."""
@@ -400,7 +480,7 @@ class Engine:
         sims, ids = self.index.search(vectors, k, by=by)
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         meta = self.index.rows(wanted)
-        by_row = {r: meta.iloc[j] for j, r in enumerate(wanted)}
+        by_row = dict(zip(wanted, meta.to_dict("records"), strict=True))  # (iloc per row was ~1 ms each)
         out = []
         for q, (s_row, i_row) in enumerate(zip(sims, ids, strict=True)):
             own = rows[q] if rows is not None else None
@@ -425,7 +505,7 @@ class Engine:
                 "dims": m["dims"], "genres": [str(g) for g in genres]}
 
 
-def _cover(row: int, sim: float, meta: pd.Series, own: int | None) -> dict[str, Any]:
+def _cover(row: int, sim: float, meta: dict[str, Any], own: int | None) -> dict[str, Any]:
     genres = [g for g in str(meta.get("genres") or "").split("|") if g and g != "None"]
     return {"id": row, "similarity": round(sim, 6), "genres": genres,
             "artist": _text(meta.get("artist")), "album": _text(meta.get("album")),
