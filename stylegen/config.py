@@ -22,7 +22,9 @@ class Preprocess:
     JPEGs are decoded in draft mode at the smallest scale whose shorter side is at least
     ``size`` (when ``draft``), the shorter side is resized to ``size`` with ``resize_filter``,
     the centre ``size`` x ``size`` square is cropped, and channels are normalised with
-    ``(x / 255 - mean) / std``.
+    ``(x / 255 - mean) / std``. ``trim_border``: uniform frames and letterbox bars are cut
+    off first (:func:`stylegen.sources.images.trim_border`); written to the manifest only
+    when on, so indexes made before it existed keep their decoding (and their ids).
     """
 
     size: int = 224
@@ -31,6 +33,7 @@ class Preprocess:
     crop: str = "center"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    trim_border: bool = False
 
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
@@ -39,7 +42,10 @@ class Preprocess:
             raise ValueError(f"crop must be 'center', got {self.crop!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.trim_border:  # absent means off: older manifests, shard and graph ids stay valid
+            del d["trim_border"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:

@@ -1,5 +1,6 @@
-"""Near-duplicate groups: planted copies in small indexes written from raw vectors (no model),
-the CLI, and on real covers a few altered copies embedded with the real backbone."""
+"""Near-duplicate groups by vector similarity alone (``--no-verify``): planted copies in small
+indexes written from raw vectors (no model), the CLI, and on real covers a few altered copies
+embedded with the real backbone. Verification by local features: tests/test_verify.py."""
 
 from __future__ import annotations
 
@@ -105,14 +106,14 @@ def test_cli_writes_csv_and_html_and_refuses_a_bad_threshold(tmp_path: Path, rng
     raw, _ = planted_raw(rng, 40, {2: 2})
     write_index(tmp_path / "idx", raw, meta(42), dims=16)
     runner = CliRunner()
-    out = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--csv", str(tmp_path / "d.csv"),
+    out = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--no-verify", "--csv", str(tmp_path / "d.csv"),
                               "--html", str(tmp_path / "d.html")])
     assert out.exit_code == 0, out.output
     assert "1 groups of near-duplicates (3 covers, 3 pairs)" in out.output
     table = pd.read_csv(tmp_path / "d.csv")
     assert table["id"].tolist() == [2, 40, 41] and set(table["group"]) == {1}
     assert (tmp_path / "d.html").read_text().count("<figure>") == 3
-    bad = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--threshold", "1.5"])
+    bad = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--no-verify", "--threshold", "1.5"])
     assert bad.exit_code != 0 and "threshold" in str(bad.exception or bad.output)
 
 
@@ -161,7 +162,7 @@ def test_cli_json(tmp_path: Path, rng):
 
     raw, _ = planted_raw(rng, 30, {4: 1})
     write_index(tmp_path / "idx", raw, meta(31), dims=16)
-    out = CliRunner().invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--json"])
+    out = CliRunner().invoke(app, ["duplicates", "--index", str(tmp_path / "idx"), "--no-verify", "--json"])
     assert out.exit_code == 0, out.output
     groups = json.loads(out.output)["groups"]
     assert [[m["id"] for m in g] for g in groups] == [[4, 30]]

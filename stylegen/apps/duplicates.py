@@ -1,4 +1,15 @@
-"""Near-duplicate covers: rescans, re-encodes, re-releases with a sticker or a border.
+"""Near-duplicate covers: rescans, re-encodes, re-releases with a sticker or a border, photos.
+
+Two stages (the default, ``verify=True``): FAISS proposes candidates tuned for recall (each
+cover's ``candidates`` nearest covers by style + content, by content and by style), then each candidate pair is verified with local features
+matched under a RANSAC homography (:mod:`stylegen.query.verify`): a pair is a copy when
+enough keypoints agree (``inliers``) over a real part of both images. Verified pairs carry
+the transform (scale, rotation, flip, crop, perspective). Keypoints are computed for the
+covers that are candidates, once per run (:class:`stylegen.query.verify.KeypointCache`).
+
+``verify=False`` is the vector-only search of issue 13, described below: closeness of the
+vectors says "looks alike", which links covers of one series or one look as well as copies
+(docs/results.md, "Near-duplicates").
 
 Pairs are found with FAISS, never with an n x n matrix: an exact range search
 (every pair with cosine similarity >= ``threshold``) on collections below
@@ -36,7 +47,13 @@ from stylegen.errors import IndexMismatchError, StylegenError
 from stylegen.index.compress import combine
 from stylegen.index.store import Index, config_diff
 
-DEFAULT_THRESHOLD = 0.70
+DEFAULT_THRESHOLD = 0.70  # vector-only search (verify=False)
+DEFAULT_CANDIDATES = 10  # with verification: nearest covers per cover (by each of CANDIDATE_BY)
+# each part ranks other copies higher: content framed/bordered ones, style photos of the cover
+CANDIDATE_BY = ("both", "content", "style")
+# with verification: no similarity floor (k bounds the work; in a small collection, where the
+# compression is fitted on few covers, a framed copy can sit below any fixed floor)
+CANDIDATE_FLOOR = -1.0
 EXACT_LIMIT = 100_000  # below this many covers, exact range search
 DEFAULT_K = 20  # neighbours per cover when the collection is too large for exact range search
 BATCH = 4096  # queries per FAISS call (bounds the memory of one range search)
@@ -58,12 +75,17 @@ class Duplicates:
     n_self: int
     threshold: float
     by: str
-    method: str  # "range" or "knn"
+    method: str  # "range", "knn" or "verified"
+    candidates: int = 0  # with verification: candidate pairs checked
+    seconds: dict[str, float] | None = None  # with verification: time of each stage
 
     def summary(self) -> str:
         covers = sum(len(g) for g in self.groups)
-        return (f"{len(self.groups)} groups of near-duplicates ({covers} covers, {len(self.pairs)} pairs) "
-                f"at similarity >= {self.threshold:g} by {self.by} ({self.method} search)")
+        head = f"{len(self.groups)} groups of near-duplicates ({covers} covers, {len(self.pairs)} pairs)"
+        if self.method == "verified":
+            return (f"{head} verified by local features (>= {self.threshold:g} inliers) "
+                    f"among {self.candidates} candidate pairs")
+        return f"{head} at similarity >= {self.threshold:g} by {self.by} ({self.method} search)"
 
 
 def _flat(vectors: np.ndarray) -> faiss.Index:
@@ -136,21 +158,108 @@ def comparable_vectors(index: Index, other: Index, by: str) -> np.ndarray:
     return index.part_vectors(np.concatenate(vectors), by)
 
 
+def _search_base(mine: np.ndarray, index: Index, by: str, exact: bool) -> faiss.Index:
+    if exact:
+        return _flat(mine)
+    if by == "both":
+        return index.faiss_index
+    base = faiss.IndexHNSWFlat(mine.shape[1], 32, faiss.METRIC_INNER_PRODUCT)  # a large collection, one part
+    base.add(np.ascontiguousarray(mine, dtype=np.float32))
+    return base
+
+
+def candidate_pairs(index: Index, against: Index | None = None, k: int = DEFAULT_CANDIDATES,
+                    floor: float = CANDIDATE_FLOOR, by: tuple[str, ...] = CANDIDATE_BY) -> pd.DataFrame:
+    """Stage one: each cover's ``k`` nearest covers by each of ``by`` (similarity >= ``floor``).
+
+    Columns ``a`` (this index's row), ``b`` (a row of ``against``, else of this index, ``a < b``)
+    and ``similarity`` (on style + content).
+    """
+    exact = len(index) < EXACT_LIMIT
+    both = index.part_vectors(index.vectors, "both")
+    other = both if against is None else comparable_vectors(index, against, "both")
+    found = []
+    for part in (p for p in by if p == "both" or p in index.slices):
+        mine = index.part_vectors(index.vectors, part)
+        queries = mine if against is None else comparable_vectors(index, against, part)
+        qi, bi, _ = knn_pairs(queries, _search_base(mine, index, part, exact), floor, k + (against is None))
+        if against is None:
+            keep = qi != bi
+            found.append(np.stack([np.minimum(qi, bi)[keep], np.maximum(qi, bi)[keep]], 1))
+        else:
+            found.append(np.stack([bi, qi], 1))
+    ab = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
+    sims = np.einsum("ij,ij->i", np.asarray(both)[ab[:, 0]], np.asarray(other)[ab[:, 1]]) if len(ab) else []
+    return pd.DataFrame({"a": ab[:, 0].astype(np.int64), "b": ab[:, 1].astype(np.int64),
+                         "similarity": np.asarray(sims, np.float32)})
+
+
+def verified_duplicates(index: Index, against: Index | None = None, k: int = DEFAULT_CANDIDATES,
+                        min_inliers: int | None = None, min_coverage: float | None = None,
+                        floor: float = CANDIDATE_FLOOR, keypoints_dir: str | Path | None = None,
+                        keypoints: Any = None) -> Duplicates:
+    """Candidates from FAISS (:func:`candidate_pairs`), kept when local features verify them
+    (at least ``min_inliers`` inliers whose hull covers ``min_coverage`` of an image).
+
+    ``pairs`` gets ``inliers``, ``coverage``, ``flip`` and ``transform`` (JSON) columns.
+    Keypoints are computed once per cover into memory-mapped files in ``keypoints_dir``
+    (None: a temporary folder, removed at the end; 66 KB per cover), or taken from
+    ``keypoints`` (a :class:`stylegen.query.verify.KeypointCache` over this index's rows, then
+    ``against``'s).
+    """
+    import json
+    import tempfile
+    import time
+
+    from stylegen.query import verify
+
+    min_inliers = verify.MIN_INLIERS if min_inliers is None else int(min_inliers)
+    min_coverage = verify.MIN_COVERAGE if min_coverage is None else float(min_coverage)
+    if min_inliers < 4:
+        raise StylegenError(f"min_inliers must be at least 4 (a homography needs 4 points), got {min_inliers}")
+    if not 0.0 <= min_coverage <= 1.0:
+        raise StylegenError(f"min_coverage is a share of the image in [0, 1], got {min_coverage}")
+    t0 = time.perf_counter()
+    cand = candidate_pairs(index, against, k, floor)
+    t1 = time.perf_counter()
+    n_self = len(index)
+    paths = list(index.metadata["path"]) + ([] if against is None else list(against.metadata["path"]))
+    offset = 0 if against is None else n_self
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stylegen-keypoints-", dir=keypoints_dir) as tmp:
+        cache = keypoints if keypoints is not None else verify.KeypointCache(paths, folder=tmp)
+        for a, b, sim in cand.sort_values(["a", "b"]).itertuples(index=False):
+            v = cache.verify(int(a), int(b) + offset, mirror=sim >= verify.MIRROR_MIN_SIMILARITY,
+                             min_inliers=min_inliers, min_coverage=min_coverage)
+            if not v.copy:
+                continue
+            rows.append({"a": int(a), "b": int(b), "similarity": float(sim), "inliers": v.inliers,
+                         "coverage": round(v.coverage, 4), "flip": bool(v.transform and v.transform["flip"]),
+                         "transform": json.dumps(v.transform)})
+        computed = cache.computed
+        del cache  # its memory maps, before the folder goes
+    t2 = time.perf_counter()
+    cols = ["a", "b", "similarity", "inliers", "coverage", "flip", "transform"]
+    pairs = pd.DataFrame(rows, columns=cols).sort_values(["inliers", "a", "b"], ascending=[False, True, True],
+                                                         ignore_index=True)
+    a, b = pairs["a"].to_numpy(np.int64), pairs["b"].to_numpy(np.int64)
+    n_other = 0 if against is None else len(against)
+    groups = group_pairs(n_self + n_other, a, b + offset)
+    return Duplicates(pairs, groups, n_self, float(min_inliers), "both", "verified", len(cand),
+                      {"candidates": round(t1 - t0, 3), "verify": round(t2 - t1, 3),
+                       "keypoints_computed": computed})
+
+
 def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD, by: str = "both",
                     against: Index | None = None, k: int = DEFAULT_K) -> Duplicates:
-    """Near-duplicate pairs (similarity >= ``threshold`` on the ``by`` part) and their groups."""
+    """Vector-only near-duplicate pairs (similarity >= ``threshold`` on the ``by`` part) and their
+    groups; :func:`verified_duplicates` verifies candidates with local features."""
     if not -1.0 <= threshold <= 1.0:
         raise StylegenError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     mine = index.part_vectors(index.vectors, by)
     queries = mine if against is None else comparable_vectors(index, against, by)
     exact = len(mine) < EXACT_LIMIT
-    if exact:
-        base = _flat(mine)
-    elif by == "both":
-        base = index.faiss_index
-    else:  # a large collection searched by one part: a graph index over that part
-        base = faiss.IndexHNSWFlat(mine.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        base.add(mine)
+    base = _search_base(mine, index, by, exact)
     qi, bi, sims = range_pairs(queries, base, threshold) if exact else knn_pairs(queries, base, threshold, k)
     n_other = 0 if against is None else len(queries)
     if against is None:  # each unordered pair once, no self-pairs
@@ -169,12 +278,17 @@ def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD, by: str 
 
 def group_table(dups: Duplicates, index: Index, other: Index | None = None) -> pd.DataFrame:
     """One row per cover of each group: group, collection, id, similarity to its closest
-    member, image, and the metadata columns people look at."""
-    best: dict[int, float] = {}
+    member (with verification also the inliers and transform of its best verified pair),
+    image, and the metadata columns people look at."""
+    best: dict[int, tuple] = {}
     offset = dups.n_self if other is not None else 0
-    for a, b, s in dups.pairs[["a", "b", "similarity"]].itertuples(index=False):
+    verified = "inliers" in dups.pairs.columns
+    cols = ["a", "b", "similarity", *(("inliers", "transform") if verified else ())]
+    for a, b, s, *extra in dups.pairs[cols].itertuples(index=False):
+        score = extra[0] if verified else s
         for node in (int(a), int(b) + offset):
-            best[node] = max(best.get(node, -1.0), float(s))
+            if node not in best or score > best[node][0]:
+                best[node] = (score, float(s), *extra)
     rows = []
     for g, members in enumerate(dups.groups, 1):
         for node in members:
@@ -183,8 +297,9 @@ def group_table(dups: Duplicates, index: Index, other: Index | None = None) -> p
             src = index if mine else other
             row = node if mine else node - dups.n_self
             meta = src.metadata.iloc[row]
-            rows.append({"group": g, "collection": str(src.root), "id": row,
-                         "similarity": round(best.get(node, float("nan")), 4),
+            found = best.get(node, (None, float("nan"), None, None))
+            extra = {"inliers": found[2], "transform": found[3]} if verified else {}
+            rows.append({"group": g, "collection": str(src.root), "id": row, "similarity": round(found[1], 4), **extra,
                          **{c: meta.get(c) for c in ("image", "path", "genres", "artist", "album") if c in meta}})
     return pd.DataFrame(rows, columns=None if rows else ["group", "collection", "id", "similarity", "image"])
 
@@ -201,7 +316,8 @@ def groups_html(table: pd.DataFrame, dups: Duplicates, max_groups: int = 300) ->
         for m in members.itertuples(index=False):
             m = m._asdict()
             caption = "<br>".join(html.escape(str(x)) for x in (
-                f"#{m['id']} · {m['similarity']:.3f}", Path(str(m.get("image", ""))).name,
+                f"#{m['id']} · {m['similarity']:.3f}" + (f" · {m['inliers']} inliers" if _present(m.get("inliers")) else ""),
+                Path(str(m.get("image", ""))).name,
                 " – ".join(str(x) for x in (m.get("artist"), m.get("album")) if _present(x)) or "",
                 Path(m["collection"]).name))
             cards.append(f"<figure><img src='{thumbnail_data_uri(str(m.get('path') or m.get('image')), 160)}' "

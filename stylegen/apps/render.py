@@ -36,6 +36,8 @@ def format_neighbours(neighbours: Sequence[dict[str, Any]]) -> str:
     for rank, n in enumerate(neighbours, 1):
         who = " – ".join(x for x in (n.get("artist"), n.get("album")) if x)
         mark = "  (the query itself)" if n.get("is_query") else ""
+        if n.get("verified") and not n.get("is_query"):  # similar --verify
+            mark = f"  (verified copy: {n['inliers']} inliers{', mirrored' if (n.get('transform') or {}).get('flip') else ''})"
         lines.append(f"{rank:3d}. {n['similarity']:.3f}  {'|'.join(n['genres']) or '-':<18} "
                      f"{who or '-':<40.40} {n['image']}{mark}")
     return "\n".join(lines)
@@ -47,7 +49,7 @@ def contact_sheet(query: Image.Image, title: str, neighbours: Sequence[dict[str,
     cards = []
     for n, path in zip(neighbours, paths, strict=True):
         caption = "<br>".join(html.escape(x) for x in (
-            f"{n['similarity']:.3f}" + (" · query" if n.get("is_query") else ""),
+            f"{n['similarity']:.3f}" + (" · query" if n.get("is_query") else " · verified copy" if n.get("verified") else ""),
             ", ".join(n["genres"]) or "no genre",
             " – ".join(x for x in (n.get("artist"), n.get("album")) if x) or Path(n["image"]).name,
         ))

@@ -173,6 +173,53 @@ def pixel_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     return min(max_pixels, pil_limit) if pil_limit else max_pixels
 
 
+BORDER_TOLERANCE = 40  # a border pixel differs from the border colour by at most this (sum over RGB; JPEG noise)
+BORDER_FILL = 0.98  # share of a line's pixels that must be the border colour
+BORDER_MAX = 0.30  # at most this share of a side is cut from each edge
+BORDER_MIN = 0.02  # thinner edges are left alone (JPEG ringing, a hairline)
+
+
+def border_box(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box inside a uniform frame or letterbox bars, or None when there is none.
+
+    The border colour is the median of the outermost ring of pixels. An edge is cut while its
+    lines are (nearly) all that colour, by up to :data:`BORDER_MAX` of the side; opposite edges
+    are cut only together and by similar amounts (a frame or bars, not a plain background
+    around an off-centre motif), at least :data:`BORDER_MIN` of the side.
+    """
+    a = np.asarray(img.convert("RGB"), np.int16)
+    h, w = a.shape[:2]
+    if min(h, w) < 16:
+        return None
+    ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colour = np.median(ring, axis=0)
+    near = np.abs(a - colour).sum(axis=2) <= BORDER_TOLERANCE  # (h, w) bool
+    rows, cols = near.mean(axis=1) >= BORDER_FILL, near.mean(axis=0) >= BORDER_FILL
+
+    def run(flags: np.ndarray, limit: int) -> int:
+        n = int(np.argmin(flags[:limit])) if not flags[:limit].all() else limit
+        return n
+
+    top, bottom = run(rows, int(BORDER_MAX * h)), run(rows[::-1], int(BORDER_MAX * h))
+    left, right = run(cols, int(BORDER_MAX * w)), run(cols[::-1], int(BORDER_MAX * w))
+
+    def pair(x: int, y: int, side: int) -> tuple[int, int]:
+        lo, hi = min(x, y), max(x, y)
+        return (x, y) if lo >= BORDER_MIN * side and lo >= 0.5 * hi else (0, 0)
+
+    top, bottom = pair(top, bottom, h)
+    left, right = pair(left, right, w)
+    if not (top or left):
+        return None
+    return left, top, w - right, h - bottom
+
+
+def trim_border(img: Image.Image) -> Image.Image:
+    """``img`` without its uniform frame or letterbox bars (:func:`border_box`), else itself."""
+    box = border_box(img)
+    return img if box is None else img.crop(box)
+
+
 def resize_center(img: Image.Image, size: int, flip: bool = False, resize_filter: str = "bilinear") -> np.ndarray:
     """Shorter side to ``size``, center crop to ``size``x``size``; uint8 HWC array."""
     w, h = img.size
@@ -204,6 +251,8 @@ def prepare(source: ImageInput, spec: Preprocess, max_pixels: int = DEFAULT_MAX_
         img = source.convert("RGB")
     else:
         img = open_image(source, spec.size if spec.draft else None, max_pixels)
+    if spec.trim_border:
+        img = trim_border(img)
     return resize_center(img, spec.size, resize_filter=spec.resize_filter)
 
 

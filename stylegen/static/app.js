@@ -16,6 +16,7 @@
     caption: $("#query-caption"),
     by: $("#by"),
     k: $("#k"),
+    verify: $("#verify"),
     bars: $("#genre-bars"),
     levels: $("#levels"),
     grid: $("#similar-grid"),
@@ -169,8 +170,25 @@
     who.append(el("span", "album", item.album || ""));
     button.append(img, meta, who);
     if (item.is_query) button.append(el("span", "badge", "query"));
+    else if (item.verified) {
+      button.classList.add("is-copy");
+      const badge = el("span", "badge copy", "copy");
+      badge.title = describeTransform(item);
+      button.append(badge);
+    }
     button.addEventListener("click", () => run({ kind: "id", id: item.id }, true));
     return button;
+  }
+
+  function describeTransform(item) {
+    const t = item.transform || {};
+    const parts = [`verified copy: ${item.inliers} matching keypoints`];
+    if (t.flip) parts.push("mirrored");
+    if (t.scale) parts.push(`scale ${t.scale}`);
+    if (t.rotation) parts.push(`rotated ${t.rotation}°`);
+    if (t.crop) parts.push(`shows ${Math.round(100 * t.crop.b_in_a)}% of this cover`);
+    if (t.perspective > 0.02) parts.push("perspective (a photo?)");
+    return parts.join(", ");
   }
 
   function renderSimilar(result, query) {
@@ -200,6 +218,7 @@
     setStatus("busy", "Looking…");
     const started = performance.now();
     const params = { k: Math.max(1, Number(els.k.value) || 12), by: els.by.value };
+    if (els.verify && els.verify.checked) params.verify = "true";
     try {
       const [genres, similar] = await Promise.all([
         withGenres ? postQuery("/classify", query, { top: TOP_GENRES, explain: true }) : null,
@@ -248,7 +267,7 @@
     els.drop.classList.remove("dragging");
     chooseFile(event.dataTransfer && event.dataTransfer.files[0]);
   });
-  for (const control of [els.by, els.k]) {
+  for (const control of [els.by, els.k, els.verify]) {
     control.addEventListener("change", () => {
       if (lastQuery) run(lastQuery, false);
     });
