@@ -207,3 +207,25 @@ def test_altered_real_covers_verify_and_other_real_covers_do_not():
     others = [verify.verify_pair(kps[i], kps[j], verify.mirror_keypoints(ims[j])) for i in range(6) for j in range(6)
               if i != j]
     assert not any(v.copy for v in others)
+
+
+def test_service_similar_verify_answers_as_the_cli(tiny_index, tmp_path: Path):
+    """`POST /similar` with verify=true (the page's "Verify copies") gives the CLI's verified
+    order and transform; without it the plain vector search, with no `verified` key."""
+    from fastapi.testclient import TestClient
+
+    from stylegen.apps.service import create_app
+    from stylegen.query.engine import Engine
+
+    root, row = tiny_index
+    query = tmp_path / "photo.jpg"
+    perspective(scene(104)).save(query, quality=85)
+    cli = json.loads(CliRunner().invoke(app, ["similar", str(query), "--index", str(root / "idx"), "-k", "4",
+                                              "--verify", "--json"]).output)["neighbours"]
+    with TestClient(create_app(Engine.open(root / "idx"), rate_limit=None), base_url="http://127.0.0.1") as client:
+        files = {"image": ("photo.jpg", query.read_bytes(), "image/jpeg")}
+        got = client.post("/similar", files=files, data={"k": "4", "verify": "true"}).json()["neighbours"]
+        plain = client.post("/similar", files=files, data={"k": "4"}).json()["neighbours"]
+    assert [h["id"] for h in got] == [h["id"] for h in cli] and got[0]["id"] == row["c4"]
+    assert got[0]["verified"] and got[0]["transform"] == cli[0]["transform"]
+    assert "verified" not in plain[0]

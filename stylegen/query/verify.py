@@ -319,6 +319,8 @@ def verify_neighbours(engine: Any, item: Any, vector: np.ndarray, hits: list[dic
     ``inliers`` and ``transform`` (query -> cover). ``item``: the query as given (path, bytes,
     PIL image or cover id), read for its keypoints.
     """
+    if (given := getattr(item, "source", None)) is not None:  # an item the engine read: the query as given,
+        item = given  # so keypoints come from its own pixels, not the preprocessed square (service = CLI)
     index = engine.index
     if engine._keypoints is None:
         engine._keypoints = KeypointCache(_Paths(index))
