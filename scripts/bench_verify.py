@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,26 +38,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alterations import ALTERATIONS, save  # noqa: E402
+from bench_coldstart import cpu_line  # noqa: E402
 
 from stylegen.index.store import Index  # noqa: E402
 
 COVERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "covers" / "covers.csv"
-
-
-def cpu() -> str:
-    model = subprocess.run("grep -m1 'model name' /proc/cpuinfo", shell=True, capture_output=True, text=True,
-                           check=False).stdout.split(":")[-1].strip()
-    flags = subprocess.run("grep -m1 flags /proc/cpuinfo", shell=True, capture_output=True, text=True,
-                           check=False).stdout.split()
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    return f"{model} ({platform.machine()}, {', '.join(simd)}), {len(flags) and _cores()} cores, load {' '.join(load)}"
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 def make_copies(work: Path, n_tune: int, n_report: int, seed: int) -> pd.DataFrame:
@@ -194,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.compare_decoding:
         copies = make_copies(args.work, args.tune, args.report, args.seed)
-        print("CPU:", cpu())
+        print("CPU:", cpu_line())
         found = {str(d): vector_recall(d, copies, args.work) for d in args.compare_decoding}
         print(pd.DataFrame(found).round(3).to_string())
         if args.out:
@@ -204,7 +187,7 @@ def main() -> None:
     from stylegen.apps.duplicates import DEFAULT_CANDIDATES, candidate_pairs, verified_duplicates
     from stylegen.query import verify
 
-    print("CPU:", cpu(), flush=True)
+    print("CPU:", cpu_line(), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     copies = make_copies(args.work, args.tune, args.report, args.seed)
     base = Index.open(args.index)
@@ -215,7 +198,7 @@ def main() -> None:
           f"({time.perf_counter() - t:.0f} s this run)", flush=True)
     row_of = {img: i for i, img in enumerate(base.metadata["image"])}
     orig = np.array([row_of[f] for f in copies["family"]])
-    res: dict = {"cpu": cpu(), "n_originals": n_orig, "n_copies": len(copies), "similar": {}, "duplicates": {}}
+    res: dict = {"cpu": cpu_line(), "n_originals": n_orig, "n_copies": len(copies), "similar": {}, "duplicates": {}}
     for split in ("tune", "report"):
         sel = (copies["split"] == split).to_numpy()
         per = {}

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_verify import cpu  # noqa: E402
+from bench_coldstart import cpu_line  # noqa: E402
 
 from stylegen.index.store import Index, write_snapshot  # noqa: E402
 
@@ -66,9 +66,9 @@ def main() -> None:
     from stylegen.apps.duplicates import candidate_pairs
     from stylegen.query.verify import MIRROR_MIN_SIMILARITY, KeypointCache
 
-    print("CPU:", cpu(), flush=True)
+    print("CPU:", cpu_line(), flush=True)
     base = Index.open(args.index)
-    res = {"cpu": cpu(), "sizes": {}}
+    res = {"cpu": cpu_line(), "sizes": {}}
     for n in (int(s) for s in args.sizes.split(",")):
         index = synthetic(base, n, args.work / f"n{n}")
         before = rss_mb()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import socket
 import statistics
 import sys
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from bench_coldstart import cpu_line
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_COVERS = REPO.parent / "shared" / "data" / "covers" / "covers.csv"
@@ -157,23 +157,6 @@ def new_covers(engine, payloads: list[tuple[str, bytes]]) -> tuple[list[tuple[st
     rows = engine.index.lookup_hashes([hash_bytes(data) for _, data in payloads])
     fresh = [p for p, row in zip(payloads, rows, strict=True) if row is None]
     return fresh, len(payloads) - len(fresh)
-
-
-def cpu_line() -> str:
-    """CPU model, vector flags that matter here, cores and the load average."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags) or 'none'}"
-            f"; load average {load}")
 
 
 @dataclass

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from bench_coldstart import cpu_line
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
@@ -38,24 +37,6 @@ from stylegen.heads import KNNHead
 from stylegen.heads.compiled import align_columns
 from stylegen.heads.hierarchy import HierarchyHead
 from stylegen.sources.labels import Taxonomy, column_labels, label_closure
-
-
-def cpu_line() -> str:
-    """CPU model, the flags that decide the fast paths, and the load average."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    have = ", ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"CPU: {model}; {os.cpu_count()} logical cores; flags: {have}; load average {load}"
 
 
 class FlatLR:
