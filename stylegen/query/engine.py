@@ -425,10 +425,9 @@ class Engine:
         least their number), plus ``levels``: ``top``, the taxonomy's top-level genres, and for
         a multi-label head with classes below them (Discogs styles), ``style``: the best of those.
 
-        A top-level genre that is itself a class of a multi-label head (the hierarchy head, a
-        flat head trained on Discogs genres) is read from its own column; only genres the head
-        lacks are rolled up from their children (sums for single-label heads, noisy-OR for
-        multi-label ones: :meth:`~stylegen.sources.labels.Taxonomy.roll_up`)."""
+        Top-level genres come from :meth:`~stylegen.sources.labels.Taxonomy.roll_up`: sums for
+        single-label heads, noisy-OR for multi-label ones, except that a multi-label head's
+        genre that is itself a class (the hierarchy head) is read from its own column."""
         tax = self.taxonomy
         known = [tax is not None and c in tax for c in classes]
 
@@ -442,9 +441,6 @@ class Engine:
         multi = self.head_config.get("labels") == "multi"
         top_p, top_c = tax.roll_up(proba[None], classes, multi_label=multi)
         top_p = top_p[0]
-        if multi:
-            own = {c: j for j, c in enumerate(classes)}
-            top_p = np.array([proba[own[c]] if c in own else p for c, p in zip(top_c, top_p, strict=True)])
         idx = np.argsort(-top_p, kind="stable")[:top]
         out["levels"] = {"top": [{"genre": top_c[i], "probability": round(float(top_p[i]), 6)} for i in idx]}
         below = np.array([multi and k and tax.level_of(c) > 0 for k, c in zip(known, classes, strict=True)])

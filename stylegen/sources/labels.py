@@ -214,8 +214,10 @@ class Taxonomy:
         exceed 1. A parent then gets the **noisy-OR** ``1 - prod(1 - p_child)``: the
         probability that at least one child applies if the children are independent. It stays
         in [0, 1], is never below its most probable child, and equals the child for a single
-        child. A class at or above ``level`` keeps its own column; an unknown class raises
-        DataError.
+        child, unless the ancestor is itself a class: then its own column is its probability
+        (a head trained on closed label sets, such as the hierarchy head, answers for the
+        genre directly, and a noisy-OR of the genre and its styles would overstate it). A
+        class at or above ``level`` keeps its own column; an unknown class raises DataError.
         """
         proba = np.asarray(proba, dtype=np.float64)
         if proba.ndim != 2 or proba.shape[1] != len(classes):
@@ -227,7 +229,12 @@ class Taxonomy:
         if not multi_label:
             return proba @ member, groups
         log_none = np.log1p(-np.clip(proba, 0.0, 1.0 - 1e-12)) @ member
-        return -np.expm1(log_none), groups
+        out = -np.expm1(log_none)
+        own = {str(c): j for j, c in enumerate(classes)}
+        for g, name in enumerate(groups):
+            if name in own:
+                out[:, g] = proba[:, own[name]]
+        return out, groups
 
 
 def _node_name(raw: object) -> str:
