@@ -234,8 +234,7 @@ def train(
         raise StylegenError("--label-column needs --labels multi")
     tax = Taxonomy.named(taxonomy)  # a bad file: its one-line error before any lock or fit
     root = Path(index_dir)
-    meta = Index.open(root, use_gpu=False).metadata  # no index: its one-line error, before a lock file is made
-    artist_groups(meta, group_column)  # an unknown column: its one-line error too
+    Index.open(root, use_gpu=False)  # no index: its one-line error, before a lock file is made
     with exclusive(root):
         clean_temporary(head_sets(root).base)  # what a killed train was writing
         return _train(Index.open(root, use_gpu=False), heads, labels, taxonomy, tabular, tabular_columns,
