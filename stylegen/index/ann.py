@@ -41,6 +41,10 @@ MIN_PQ_VECTORS = 1_000  # PQ needs a few hundred points per sub-quantizer centro
 TRAIN_PER_LIST = 40  # k-means points per IVF list (faiss warns below 39)
 MIN_TRAIN = 65_536  # PQ: 256 centroids x 256 points
 KMEANS_ITER = 10
+# IVF training cost cap: k-means costs 2·iter·(TRAIN_PER_LIST·k)·k·d flop, quadratic in the
+# list count k. 2e13 flop is ~3-4 min on 2 CPU cores (faiss k-means ran 100 GFLOP/s here);
+# at 10M x 512 it caps 4·sqrt(n) = 16,384 lists (1.1e14 flop, ~18 min) to 4,096 (docs/scale.md)
+KMEANS_FLOP_BUDGET = 2e13
 EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 NPROBE_GRID = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ID_BYTES = 8  # an IVF list stores one int64 id per vector
@@ -78,12 +82,18 @@ class BuildResult:
 
 # ---------------------------------------------------------------- choice (pure)
 
-def nlist_for(n: int) -> int:
-    """IVF lists: the power of two nearest 4·sqrt(n), with >= TRAIN_PER_LIST points each."""
+def nlist_for(n: int, dim: int = 512, flop_budget: float = KMEANS_FLOP_BUDGET) -> int:
+    """IVF lists: the power of two nearest 4·sqrt(n), with >= TRAIN_PER_LIST points each and a
+    k-means training cost within ``flop_budget`` (a GPU, or more cores, affords a larger one)."""
     k = 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))
-    while k > 1 and k * TRAIN_PER_LIST > n:
+    while k > 1 and (k * TRAIN_PER_LIST > n or kmeans_flops(k, dim) > flop_budget):
         k //= 2
     return int(min(k, 65_536))
+
+
+def kmeans_flops(nlist: int, dim: int) -> float:
+    """Multiply-adds x 2 of training ``nlist`` IVF lists on TRAIN_PER_LIST points each."""
+    return 2.0 * KMEANS_ITER * TRAIN_PER_LIST * nlist * nlist * dim
 
 
 def flat_memory(n: int, dim: int) -> int:
@@ -103,10 +113,13 @@ def ivfpq_memory(n: int, dim: int, m: int, nlist: int, opq: bool = USE_OPQ) -> i
     return int(codes + coarse + rotation + tables + 16 * nlist)
 
 
-def plan_index(n: int, dim: int, max_memory_bytes: int | None = None, kind: str | None = None) -> IndexPlan:
+def plan_index(n: int, dim: int, max_memory_bytes: int | None = None, kind: str | None = None,
+               train_flop_budget: float = KMEANS_FLOP_BUDGET) -> IndexPlan:
     """The index for ``n`` vectors of ``dim`` within ``max_memory_bytes`` (default 16 GiB).
 
-    ``kind`` forces a family ("flat", "hnsw", "ivfpq"), e.g. for benchmarks."""
+    ``kind`` forces a family ("flat", "hnsw", "ivfpq"), e.g. for benchmarks.
+    ``train_flop_budget`` caps the IVF k-means (:func:`nlist_for`): the default suits a few CPU
+    cores; a GPU node building 10^8 vectors affords ~5e14 (autofaiss's 32,768 lists)."""
     budget = DEFAULT_MAX_MEMORY if max_memory_bytes is None else int(max_memory_bytes)
     if kind not in (None, "flat", "hnsw", "ivfpq"):
         raise StylegenError(f"unknown index kind {kind!r} (flat, hnsw, ivfpq)")
@@ -117,7 +130,7 @@ def plan_index(n: int, dim: int, max_memory_bytes: int | None = None, kind: str 
     if n < MIN_PQ_VECTORS:
         raise StylegenError(f"{n} vectors of {dim} floats need {flat_memory(n, dim)} bytes, "
                             f"more than the {budget}-byte index memory budget")
-    nlist = nlist_for(n)
+    nlist = nlist_for(n, dim, train_flop_budget)
     codes = [m for m in PQ_CODES if dim % m == 0 and m * MIN_SUBVECTOR <= dim] or [1]
     fits = [m for m in codes if ivfpq_memory(n, dim, m, nlist) <= budget]
     if not fits and kind is None:
@@ -150,17 +163,63 @@ def as_shards(vectors: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return shards
 
 
+def release_pages(arr: np.ndarray, start: int = 0, stop: int | None = None) -> None:
+    """Drop rows ``start:stop`` of a memory-mapped array from this process's resident memory
+    (``madvise(MADV_DONTNEED)``; the file's pages stay in the OS cache and are read again on
+    the next access). A build that streams a file larger than RAM through a memory map would
+    otherwise hold every page it read: 10M float16 rows are 10 GB. No-op for other arrays."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or mm.closed or not arr.flags.c_contiguous or not len(arr):
+        return
+    import mmap
+
+    stop = len(arr) if stop is None else min(stop, len(arr))
+    origin = np.frombuffer(mm, np.uint8).ctypes.data
+    row = arr.strides[0]
+    lo = arr.ctypes.data - origin + start * row
+    hi = arr.ctypes.data - origin + stop * row
+    page = mmap.PAGESIZE
+    lo, hi = -(-lo // page) * page, (hi // page) * page  # whole pages inside the rows only
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def iter_batches(shards: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 batch) over all shards in order, reading ``batch_size`` rows at a time."""
+    """(first row, float32 batch) over all shards in order, reading ``batch_size`` rows at a
+    time; rows read from a memory map leave resident memory once copied (:func:`release_pages`)."""
     start = 0
     for s in shards:
         for a in range(0, len(s), batch_size):
-            yield start + a, np.ascontiguousarray(s[a:a + batch_size], dtype=np.float32)
+            batch = np.ascontiguousarray(s[a:a + batch_size], dtype=np.float32)
+            release_pages(s, a, a + batch_size)
+            yield start + a, batch
         start += len(s)
 
 
+def read_rows(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``arr[rows]`` for sorted ``rows``; from a memory-mapped .npy file they are read with
+    ``os.pread``, not through the map: random rows touched through a map stay in this
+    process's resident memory together with whatever the kernel maps around them (20,000
+    random rows of a 10 GB float16 file left 7.5 GB resident here)."""
+    import mmap
+    import os
+
+    if not isinstance(arr, np.memmap) or not isinstance(arr.base, mmap.mmap) or not arr.flags.c_contiguous:
+        return np.asarray(arr[rows])
+    width = arr.strides[0]
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(arr.filename, os.O_RDONLY)
+    try:  # straight into the output (2 µs a row here; pread's bytes objects cost 3x that)
+        for j, r in enumerate(rows):
+            os.preadv(fd, [view[j * width:(j + 1) * width]], arr.offset + int(r) * width)
+    finally:
+        os.close(fd)
+    return out
+
+
 def take_rows(shards: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows by global number (any order), reading only those rows of each shard."""
+    """Rows by global number (any order), reading only those rows of each shard (:func:`read_rows`)."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), shards[0].shape[1]), dtype=np.float32)
     start = 0
@@ -169,8 +228,7 @@ def take_rows(shards: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         if mask.any():
             local = rows[mask] - start
             order = np.argsort(local)
-            picked = np.asarray(s[np.sort(local)], dtype=np.float32)
-            out[np.flatnonzero(mask)[order]] = picked
+            out[np.flatnonzero(mask)[order]] = read_rows(s, np.sort(local))
         start += len(s)
     return out
 
@@ -235,7 +293,9 @@ def params_string(params: dict[str, int]) -> str:
 
 
 def apply_params(index: faiss.Index, params: dict[str, int] | None) -> faiss.Index:
-    """Set stored search parameters (``nprobe``, ``efSearch``, ``quantizer_efSearch``)."""
+    """Set stored search parameters (``nprobe``, ``efSearch``, ``quantizer_efSearch``; the
+    re-rank depth ``refine`` is ours, read by :func:`refine_factor`)."""
+    params = {k: v for k, v in (params or {}).items() if k != REFINE_PARAM}
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params_string(params))
     return index
@@ -257,22 +317,36 @@ def candidate_params(key: str) -> list[dict[str, int]]:
 
 def tune(index: faiss.Index, key: str, queries: np.ndarray, truth: np.ndarray, k: int = 10,
          target: float = 0.95, vectors: np.ndarray | list[np.ndarray] | None = None) -> tuple[dict[str, int], float]:
-    """The cheapest search setting whose recall@k reaches ``target``; when none does, the
+    """The fastest search setting whose recall@k reaches ``target``; when none does, the
     cheapest within 0.5% of the best recall seen. Returns (params, recall) and leaves them set.
     With ``vectors``, recall is measured the way ``Index.search`` answers: PQ candidates
-    re-ranked exactly (:func:`refine_search`)."""
-    tried: list[tuple[dict[str, int], float]] = []
-    factor = refine_factor(key) if vectors is not None else 1
-    for params in candidate_params(key):
-        apply_params(index, params)
-        r = recall_at(refine_search(index, queries, k, vectors, factor)[1], truth, k)
-        tried.append((params, r))
-        if r >= target:
-            return params, r
+    re-ranked exactly (:func:`refine_search`), and each re-rank depth is tried: more lists
+    (``nprobe``) until they stop helping or reach the target, then deeper. Of the settings
+    that reach the target, the one whose tuning queries ran fastest wins (at 10M vectors a
+    shallow re-rank with more lists can beat a deep one with few, or the other way round)."""
+    tried: list[tuple[dict[str, int], float, float]] = []
+    depths = REFINE_FACTORS if vectors is not None and kind_of(key) == "ivfpq" else (1,)
+    for factor in depths:
+        last = -1.0
+        for params in candidate_params(key):
+            full = {**params, REFINE_PARAM: factor} if factor > 1 else params
+            apply_params(index, params)
+            t = time.perf_counter()
+            r = recall_at(refine_search(index, queries, k, vectors, factor)[1], truth, k)
+            tried.append((full, r, time.perf_counter() - t))
+            if r >= target:
+                break  # more lists at this depth only cost more
+            if len(depths) > 1 and r < last + 0.002:
+                break  # a plateau: more lists do not help at this depth, more candidates may
+            last = r
     if not tried:
         return {}, recall_at(index.search(queries, k)[1], truth, k)
-    best = max(r for _, r in tried)
-    params, r = next((p, r) for p, r in tried if r >= best - 0.005)
+    reached = [(p, r, s) for p, r, s in tried if r >= target]
+    if reached:
+        params, r, _ = min(reached, key=lambda x: x[2])
+    else:
+        best = max(r for _, r, _ in tried)
+        params, r, _ = next(x for x in tried if x[1] >= best - 0.005)
     apply_params(index, params)
     return params, r
 
@@ -408,11 +482,18 @@ def merge_shards(trained_path: str | Path, shard_paths: Sequence[str | Path], ou
 # ---------------------------------------------------------------- exact re-ranking
 
 REFINE_FACTOR = 10  # compressed (PQ) indexes fetch this many times k candidates, then re-rank
+# the depths the tuner tries, cheapest first: at 10M realistic vectors the true top-10 was in
+# the PQ top-100 for 0.71 of them, top-300 0.91, top-1000 0.99 (docs/scale.md)
+REFINE_FACTORS = (10, 30, 50, 100)
+REFINE_PARAM = "refine"  # the tuned depth, stored with the search parameters
 
 
-def refine_factor(key: str) -> int:
-    """Candidates per result a compressed index fetches before exact re-ranking (1: none)."""
-    return REFINE_FACTOR if kind_of(key) == "ivfpq" else 1
+def refine_factor(key: str, params: dict[str, int] | None = None) -> int:
+    """Candidates per result a compressed index fetches before exact re-ranking (1: none):
+    the tuned ``refine`` of its search parameters (indexes tuned before it: REFINE_FACTOR)."""
+    if kind_of(key) != "ivfpq":
+        return 1
+    return int((params or {}).get(REFINE_PARAM, REFINE_FACTOR))
 
 
 def refine_search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray,
@@ -431,10 +512,10 @@ def refine_search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.n
         row = row[row >= 0]
         if not len(row):
             continue
-        order = np.argsort(row)  # sorted reads of the memory map
+        order = np.argsort(row)  # sorted reads
         rows = row[order]
-        picked = take_rows(vectors, rows) if isinstance(vectors, list) else vectors[rows]
-        exact = np.asarray(picked, dtype=np.float32) @ queries[i]
+        picked = take_rows(vectors if isinstance(vectors, list) else [vectors], rows)
+        exact = picked @ queries[i]
         best = np.argsort(-exact, kind="stable")[:k]
         sims[i, : len(best)], ids[i, : len(best)] = exact[best], row[order][best]
     return sims, ids

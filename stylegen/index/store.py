@@ -6,7 +6,8 @@ Layout of an index directory ``DIR``::
     DIR/v000002/           one complete snapshot
         manifest.json      backbone, weights hash, taps, parts, compression, dim, versions
         index.faiss        inner-product index over the normalised vectors
-        vectors.npy        the same vectors (float32), for heads and per-part search
+        vectors.npy        the same vectors (float32, or float16 when the manifest's
+                           ``vector_dtype`` says so), for heads, per-part search, re-ranking
         metadata.parquet   one row per vector: image, path, content_hash, genres, ...
                            (row groups of METADATA_ROW_GROUP rows: a query reads only the
                            groups holding the rows it returns)
@@ -14,7 +15,9 @@ Layout of an index directory ``DIR``::
                            a memory map, without reading the metadata
         compressor.npz     fitted per-part projections (frozen until a deliberate refit)
     DIR/shards/            append-only ingest shards: raw part vectors (float16) + metadata,
-                           keyed by content hash (:mod:`stylegen.index.shards`); a build reads them
+                           keyed by content hash (:mod:`stylegen.index.shards`); a build reads them,
+                           then drops the raw vectors the manifest's ``raw_retention`` does not
+                           keep (:mod:`stylegen.index.retention`; metadata stays)
     DIR/heads/             trained heads (tied to the snapshot's feature_id)
 
 Indexes written before shards existed keep ``raw_<part>.npy`` in the snapshot; the first
@@ -53,6 +56,9 @@ from stylegen.index.compress import Compressor
 from stylegen.util.persist import CURRENT, TMP_PREFIX, VersionedFolder, clean_temporary
 
 FORMAT_VERSION = 1
+# how vectors.npy stores the searchable vectors (manifest ``vector_dtype``; absent: float32).
+# float16 halves the file that heads, per-part search and the PQ re-rank read (docs/scale.md)
+VECTOR_DTYPES = ("float32", "float16")
 METADATA_ROW_GROUP = 1024  # rows per parquet row group of metadata.parquet (docs/scale.md)
 
 
@@ -320,7 +326,8 @@ class Index:
         k = min(k, len(self))
         if by == "both":
             return ann.refine_search(self.faiss_index, q, k, self.vectors,
-                                     ann.refine_factor(self.manifest.get("index_key", "Flat")))
+                                     ann.refine_factor(self.manifest.get("index_key", "Flat"),
+                                                       self.manifest.get("search_params")))
         if by not in self._part_indexes:
             self._part_indexes[by] = build_faiss(self.part_vectors(self.vectors, by), "Flat")
         return self._part_indexes[by].search(q, k)
@@ -376,9 +383,10 @@ def write_snapshot(
     """
     def fill(tmp: Path) -> None:
         nonlocal manifest, faiss_index
-        np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
-        if faiss_index is None:
-            built = ann.build(np.ascontiguousarray(vectors, dtype=np.float32), manifest["index_key"])
+        stored = stored_vectors(vectors, manifest)
+        np.save(tmp / "vectors.npy", stored)
+        if faiss_index is None:  # built from the stored values, so search and re-rank agree
+            built = ann.build(np.ascontiguousarray(stored, dtype=np.float32), manifest["index_key"])
             faiss_index = built.index
             manifest = {**manifest, **built.manifest_entry()}
         faiss.write_index(faiss_index, str(tmp / "index.faiss"))
@@ -392,6 +400,20 @@ def write_snapshot(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     return snapshots(root).commit(fill)
+
+
+def vector_dtype(manifest: dict[str, Any]) -> str:
+    """How an index keeps its vectors on disk (``vector_dtype``; indexes before it: float32)."""
+    dtype = manifest.get("vector_dtype", "float32")
+    if dtype not in VECTOR_DTYPES:
+        raise IndexMismatchError(f"vector dtype {dtype!r} is not supported (one of {', '.join(VECTOR_DTYPES)})")
+    return dtype
+
+
+def stored_vectors(vectors: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    """``vectors`` as the index keeps them: rounded to its ``vector_dtype``. Whatever is added
+    to the FAISS index must be these values (as float32), so search and re-rank agree."""
+    return np.asarray(vectors, dtype=vector_dtype(manifest))
 
 
 def load_raw(index: Index) -> dict[str, np.ndarray] | None:
