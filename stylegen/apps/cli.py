@@ -80,11 +80,19 @@ def embed(
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Make the new index in a model's vector space (its settings and compressor): "
                               "the model's genres answer on it without `train`.")] = None,
+    vectors_dtype: Annotated[str | None, typer.Option(
+        help="float32 | float16: how a new index keeps its searchable vectors on disk (float32; float16 "
+             "halves vectors.npy, docs/scale.md).")] = None,
+    raw_retention: Annotated[str | None, typer.Option(
+        help="all | sample | none: which covers of a new index keep raw features in its shards after the "
+             "build (default: sample of 100,000, i.e. all below that; refits and explain use them).")] = None,
+    raw_sample: Annotated[int | None, typer.Option(
+        min=1, help="Covers in the raw-feature sample (--raw-retention sample; new index only).")] = None,
 ) -> None:
     """Embed every new image of SOURCE into the index (resumable, incremental: covers are
     ingested to shards, then appended with the index's frozen compression)."""
     from stylegen.index.ingest import embed as run_embed
-    from stylegen.index.ingest import requested_config
+    from stylegen.index.ingest import requested_config, requested_retention
 
     options = {"backbone": backbone, "taps": _split(taps) if taps else None, "image_size": image_size,
                "parts": _parts(parts) if parts else None, "style_weight": style_weight,
@@ -94,7 +102,8 @@ def embed(
     config = requested_config(index, weights=weights, **options) if given or model is None else None
     report = run_embed(source, index, config, device=device, batch_size=batch_size, workers=workers,
                        precision=precision, progress=progress, engine=engine, address=address,
-                       checkpoint_every=shard_size, runtime=runtime, weights=weights, model=model)
+                       checkpoint_every=shard_size, runtime=runtime, weights=weights, model=model,
+                       vectors_dtype=vectors_dtype, raw_retention=requested_retention(raw_retention, raw_sample))
     typer.echo(report.summary())
     if report.bad:
         typer.echo(f"skipped files are listed in {index / 'bad_files.csv'}")
@@ -552,12 +561,16 @@ def build_index(
     refit: Annotated[bool, typer.Option(
         help="Refit the compression on all ingested covers (new vectors: heads must be trained again).")] = False,
     max_sample: Annotated[int, typer.Option(min=2, help="Most covers the compression is fitted on (seeded sample).")] = 100_000,
+    device: Device = "auto",
+    weights: QueryWeights = None,
 ) -> None:
     """Build the index from its ingested shards: append the covers it lacks with the frozen
-    compression (old vectors and trained heads stay valid), or --refit."""
+    compression (old vectors and trained heads stay valid), or --refit (re-reading the images
+    of covers whose raw features the index did not keep)."""
     from stylegen.index.ingest import build
 
-    result = build(index, refit=refit, max_sample=max_sample)
+    result = build(index, refit=refit, max_sample=max_sample, notify=typer.echo, device=device, weights=weights,
+                   progress=True)
     verb = "fitted the compression on" if result.refit else "appended"
     typer.echo(f"{verb} {result.added} covers from {result.shards} shards; index holds {result.count} covers"
                f" [{result.seconds:.1f} s]")

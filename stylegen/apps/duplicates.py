@@ -152,8 +152,9 @@ def comparable_vectors(index: Index, other: Index, by: str) -> np.ndarray:
 
     batches = raw_batches(other)
     if batches is None:
-        raise StylegenError(f"{other.root} keeps no raw features (random projection), so it cannot be "
-                            f"compared with {index.root}; embed both with --compression pca")
+        raise StylegenError(f"{other.root} does not keep every cover's raw features (random projection, or "
+                            f"its raw retention), so it cannot be compared with {index.root}; embed both with "
+                            "--compression pca --raw-retention all")
     vectors = [combine(index.compressor.transform(raw), index.config.features.weights)[0] for raw in batches]
     return index.part_vectors(np.concatenate(vectors), by)
 

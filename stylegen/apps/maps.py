@@ -222,7 +222,7 @@ def predicted_labels(engine: Any) -> list[str] | None:
         out: list[str] = []
         for start in range(0, n, 4096):
             rows = list(range(start, min(n, start + 4096)))
-            proba, classes, _ = engine.predict_proba(np.asarray(engine.index.vectors[rows]), rows=rows)
+            proba, classes, _ = engine.predict_proba(np.asarray(engine.index.vectors[rows], np.float32), rows=rows)
             out += [classes[i] for i in np.argmax(proba, axis=1)]
         return out
     except ModelNotFoundError:

@@ -404,7 +404,7 @@ def _cv_tabular(index: Index, rows: np.ndarray, y: np.ndarray, groups: np.ndarra
     Each result also carries the
     accuracy and macro-F1 of every fold (``folds``) and their mean and std.
     """
-    X = np.asarray(index.vectors)[rows]
+    X = np.asarray(index.vectors[rows], dtype=np.float32)
     tab = np.asarray(tabular, np.float32)[rows]
     out = {}
     for mode in variants:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,18 @@ from stylegen.featurize.features import Featurizer
 from stylegen.featurize.runtime import resolve_device, resolve_precision  # noqa: F401  (re-exported)
 from stylegen.index.build import (
     DEFAULT_MAX_SAMPLE,
+    DEFAULT_RAW_RETENTION,
     BuildResult,
+    check_raw_retention,
+    check_vectors_dtype,
     current_manifest,
     index_ingest_id,
     open_current,
+    rows_without_raw,
     update_index,
 )
 from stylegen.index.bundle import Model, open_model
+from stylegen.index.retention import RawRetention
 from stylegen.index.shards import RUN_COLUMNS, clean_partial, describe, list_shards, write_shard
 from stylegen.index.store import Index, config_diff, exclusive
 from stylegen.sources import images
@@ -41,6 +46,7 @@ from stylegen.util.persist import atomic_write, atomic_write_text
 from stylegen.util.tables import safe_frame
 
 ENGINES = ("local", "ray")
+REREAD_RATE = 90.0  # img/s assumed for re-reading images when no embed run recorded its rate
 
 
 @dataclass
@@ -158,6 +164,8 @@ def embed(
     runtime: str = "auto",
     weights: str | None = None,
     model: str | Path | None = None,
+    vectors_dtype: str | None = None,
+    raw_retention: RawRetention | None = None,
 ) -> EmbedReport:
     """Embed every new image of ``source`` into the index at ``index_dir``: ingest, then build.
 
@@ -180,6 +188,11 @@ def embed(
     ``runtime`` runs the featurizer on ``torch``, ``onnx`` (ONNX Runtime) or ``openvino``
     (``auto``: the fastest installed for the device, :func:`stylegen.featurize.runtime.resolve_runtime`);
     they compute the same function, so shards from any runtime mix in one index.
+    ``vectors_dtype`` (``float32`` or ``float16``) is how a new index keeps its searchable
+    vectors on disk; an existing index keeps its own (another is refused before any work).
+    ``raw_retention`` (:mod:`stylegen.index.retention`): which covers of a new index keep raw
+    features after the build (default :data:`~stylegen.index.build.DEFAULT_RAW_RETENTION`); an
+    existing index keeps its own policy, another is refused before any work.
     """
     if engine not in ENGINES:
         raise StylegenError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -192,6 +205,8 @@ def embed(
         existing = open_current(index_dir)
         if existing is not None and config is not None:
             existing.check_compatible(config)
+        check_vectors_dtype(existing, vectors_dtype)
+        check_raw_retention(existing, raw_retention)
         if bundle is not None:
             config = _model_config(bundle, existing, config)
         config = config or (existing.config if existing is not None else default_config())
@@ -227,7 +242,8 @@ def embed(
             report.embedded = len(run)
             if list_shards(index_dir):
                 built_now = update_index(index_dir, config if existing is None else None,
-                                         model=bundle if existing is None else None)
+                                         model=bundle if existing is None else None, vectors_dtype=vectors_dtype,
+                                         raw_retention=raw_retention)
                 report.added, report.build_seconds = built_now.added, built_now.seconds
         final = open_current(index_dir)
         report.count = len(final) if final is not None else 0
@@ -280,6 +296,18 @@ def requested_config(index_dir: str | Path, **options: Any) -> EmbedConfig | Non
     cp = dataclasses.replace(cp, method=given.get("compression", cp.method), dims=dims,
                              whiten=given.get("whiten", cp.whiten))
     return EmbedConfig(backbone=bb, features=ft, compression=cp)
+
+
+def requested_retention(policy: str | None = None, sample_size: int | None = None) -> RawRetention | None:
+    """The raw retention the ``embed`` command's options ask for (None: the index's own, or the
+    default for a new index); a sample size alone means ``sample``."""
+    if policy is None and sample_size is None:
+        return None
+    if sample_size is not None and policy not in (None, "sample"):
+        raise StylegenError(f"--raw-sample sizes a sample: it goes with --raw-retention sample, not {policy}")
+    if policy in (None, "sample"):
+        return RawRetention("sample", sample_size or DEFAULT_RAW_RETENTION.sample_size, DEFAULT_RAW_RETENTION.seed)
+    return RawRetention(policy)
 
 
 def _plan(items: pd.DataFrame, existing: Index | None) -> tuple[EmbedReport, pd.DataFrame]:
@@ -357,12 +385,70 @@ def _flush(index_dir: Path, run: pd.DataFrame, rows: list[int], raw: dict[str, l
     raw.clear()
 
 
-def build(index_dir: str | Path, *, refit: bool = False, max_sample: int = DEFAULT_MAX_SAMPLE) -> BuildResult:
-    """``stylegen index DIR``: append the ingested covers the index lacks, or refit it."""
+def build(
+    index_dir: str | Path, *, refit: bool = False, max_sample: int = DEFAULT_MAX_SAMPLE,
+    notify: Callable[[str], None] | None = None, device: str = "auto", runtime: str = "auto",
+    weights: str | None = None, progress: bool = False,
+) -> BuildResult:
+    """``stylegen index DIR``: append the ingested covers the index lacks, or refit it.
+
+    A refit transforms every cover, so the covers whose raw features the index's raw retention
+    dropped are embedded again from their source images (metadata ``path``) with the index's
+    own settings, after ``notify`` is told how many and about how long; a source image that is
+    gone or changed stops the refit first, with nothing changed. ``device``, ``runtime``,
+    ``weights``, ``progress``: as for :func:`embed`, for that re-read.
+    """
     index_dir = Path(index_dir)
     with exclusive(index_dir):
         clean_partial(index_dir)
+        if refit:
+            _reread_pruned(index_dir, notify, device=device, runtime=runtime, weights=weights, progress=progress)
         return update_index(index_dir, refit=refit, max_sample=max_sample)
+
+
+def _reread_pruned(index_dir: Path, notify: Callable[[str], None] | None, *, device: str, runtime: str,
+                   weights: str | None, progress: bool) -> int:
+    """Ingest again the covers of the index that keep no raw features; returns how many."""
+    existing = open_current(index_dir)
+    rows = rows_without_raw(existing) if existing is not None else np.zeros(0, np.int64)
+    if existing is None or not len(rows):
+        return 0
+    run = existing.rows(rows).reset_index(drop=True)
+    paths = run["path"].tolist() if "path" in run.columns else [""] * len(run)
+    hashed = images.hash_files(paths)
+    gone = [p or image for p, image, (h, _), want in zip(paths, run["image"], hashed, run["content_hash"], strict=True)
+            if h != want]
+    if gone:
+        raise StylegenError(f"cannot refit: the source images of {len(gone)} covers without kept raw features are "
+                            f"missing or changed (first: {gone[0]}); nothing was changed")
+    rate, source = _embed_rate(index_dir)
+    minutes = len(run) / rate / 60
+    took = f"about {minutes:,.0f} min" if minutes >= 1 else "under a minute"
+    if notify is not None:
+        notify(f"re-reading {len(run)} source images to refit ({took} at {rate:.0f} img/s, {source})")
+    run[RUN_COLUMNS[0]], run[RUN_COLUMNS[1]] = time.time_ns(), np.arange(len(run))
+    featurizer = load_featurizer(existing.query_config(weights), device, existing.manifest.get("precision", "auto"),
+                                 True, runtime)
+    info = {**describe(existing.config, featurizer.backbone, featurizer.precision),
+            "runtime": getattr(featurizer, "runtime", "torch")}
+    _check_same_features(existing, info)
+    bad = ingest_local(featurizer, run, index_dir, info, progress=progress)
+    if bad:
+        raise StylegenError(f"cannot refit: {len(bad)} source images could not be read again "
+                            f"(first: {bad[0]['image']}: {bad[0]['reason']})")
+    return len(run)
+
+
+def _embed_rate(index_dir: Path) -> tuple[float, str]:
+    """Images per second of the last embed run (``embed_report.json``), or :data:`REREAD_RATE`."""
+    try:
+        report = json.loads((index_dir / "embed_report.json").read_text())
+        rate = float(report["embedded"]) / float(report["embed_seconds"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        rate = 0.0
+    if rate > 0:
+        return rate, "the rate of the last embed run"
+    return REREAD_RATE, "an assumed rate: no embed run recorded one"
 
 
 def _write_report(index_dir: Path, report: EmbedReport) -> None:

@@ -12,13 +12,18 @@ An ingest run (local or on Ray) writes its covers in shards under ``DIR/shards``
 A shard is written to a temporary folder and renamed into place, so it is either complete
 or absent; its name is unique (time + content), never derived from counting files. Covers
 are keyed by content hash: a cover is "done" when a complete shard holds its hash, which
-is all that resuming needs. Build (:mod:`stylegen.index.build`) reads shards, never rewrites them.
+is all that resuming needs. Build (:mod:`stylegen.index.build`) reads shards; the one
+rewrite is pruning raw features an index's retention policy no longer keeps
+(:mod:`stylegen.index.retention`, :meth:`Shard.keep_raw`). A pruned shard's ``shard.json`` lists
+the metadata rows that still have raw features (``raw_rows``, ascending; absent: all) and
+the files holding them (``raw_files``); metadata is never pruned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +34,13 @@ import numpy as np
 import pandas as pd
 
 from stylegen.config import EmbedConfig
-from stylegen.util.persist import clean_temporary, write_folder
+from stylegen.util.persist import (
+    TMP_PREFIX,
+    atomic_write_text,
+    clean_temporary,
+    fsync_dir,
+    write_folder,
+)
 
 SHARDS = "shards"
 SHARD_JSON = "shard.json"
@@ -96,9 +107,59 @@ class Shard:
         return self.metadata(["content_hash"])["content_hash"].tolist()
 
     def raw(self, mmap: bool = True) -> dict[str, np.ndarray]:
-        """Raw part vectors (float16; memory-mapped unless ``mmap`` is False)."""
-        return {p: np.load(self.path / f"raw_{p}.npy", mmap_mode="r" if mmap else None)
-                for p in self.info["parts"]}
+        """Raw part vectors (float16; memory-mapped unless ``mmap`` is False), one row per
+        metadata row that still has them: :meth:`raw_map` says which."""
+        return {p: np.load(self.raw_file(p), mmap_mode="r" if mmap else None) for p in self.info["parts"]}
+
+    def raw_file(self, part: str) -> Path:
+        return self.path / self.info.get("raw_files", {}).get(part, f"raw_{part}.npy")
+
+    def raw_rows(self) -> np.ndarray:
+        """The metadata rows that have raw features, ascending (all until pruned)."""
+        rows = self.info.get("raw_rows")
+        return np.arange(self.count, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+
+    def raw_map(self) -> np.ndarray:
+        """For each metadata row, its row in :meth:`raw`'s arrays, or -1 where pruned."""
+        rows = self.info.get("raw_rows")
+        if rows is None:
+            return np.arange(self.count, dtype=np.int64)
+        out = np.full(self.count, -1, np.int64)
+        out[np.asarray(rows, np.int64)] = np.arange(len(rows))
+        return out
+
+    def keep_raw(self, rows: Sequence[int]) -> Shard:
+        """Keep raw features only for the metadata ``rows`` (those among them that still have
+        any); returns the shard as it is now.
+
+        Atomic: the kept rows go to new files (``raw_<part>.g<N>.npy``), then ``shard.json``,
+        naming them and the new row map, replaces the old one in one ``os.replace``; a crash
+        leaves either the old files and map or the new ones. The old files, recorded in the
+        new ``shard.json`` as ``raw_stale``, are removed after the switch (again by the next
+        prune, should a crash come first).
+        """
+        have = self.raw_rows()
+        keep = np.intersect1d(np.asarray(rows, np.int64), have)
+        if len(keep) == len(have):
+            return self
+        at = np.searchsorted(have, keep)
+        generation = int(self.info.get("raw_generation", 0)) + 1
+        files = {p: f"raw_{p}.g{generation}.npy" for p in self.info["parts"]}
+        for part, x in self.raw().items():
+            _save_into(self.path / files[part], np.ascontiguousarray(x[at]))
+        stale = sorted({self.raw_file(p).name for p in self.info["parts"]} - set(files.values()))
+        info = {**self.info, "raw_rows": keep.tolist(), "raw_files": files, "raw_generation": generation,
+                "raw_stale": stale}
+        atomic_write_text(self.path / SHARD_JSON, json.dumps(info, indent=1, sort_keys=True))  # the switch
+        shard = Shard(self.path, info)
+        shard.drop_stale()
+        return shard
+
+    def drop_stale(self) -> None:
+        """Remove the raw files a finished prune replaced (named in ``raw_stale``: ours only)."""
+        for name in self.info.get("raw_stale", []):
+            if Path(name).name == name and name not in self.info.get("raw_files", {}).values():
+                (self.path / name).unlink(missing_ok=True)
 
 
 def shards_dir(index_dir: Path) -> Path:
@@ -144,6 +205,22 @@ def write_shard(
         (tmp / SHARD_JSON).write_text(json.dumps(full, indent=1, sort_keys=True))
 
     return Shard(write_folder(root, name, fill), full)
+
+
+def _save_into(path: Path, x: np.ndarray) -> None:
+    """``np.save`` to ``path`` atomically; the temporary file lies in the shards folder, where
+    :func:`clean_partial` finds it after a killed run."""
+    tmp = path.parent.parent / f"{TMP_PREFIX}{path.parent.name}-{path.name}"
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def clean_partial(index_dir: Path) -> None:
