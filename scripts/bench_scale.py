@@ -1,11 +1,15 @@
 """Flat vs HNSW vs IVF-PQ on N synthetic vectors derived from the real cover vectors.
 
-    python scripts/bench_scale.py --index indexes/covers --n 1000000
+    python scripts/bench_scale.py --index indexes/merged --n 1000000 --dtype float16
 
-Data: each database vector is a real cover vector (drawn uniformly from the index's
-vectors.npy) plus Gaussian noise with ``noise**2`` times the real vectors' covariance,
-renormalised to unit length; queries are drawn the same way with another seed (held out: not in
-the database). Ground truth: exact inner-product search over the whole database.
+Data (``--data realistic``, the default): the neighbour-mix generator of
+``scripts/realistic_corpus.py``, fitted to the index's real vectors so that held-out queries
+see 1st/10th nearest-neighbour similarities like real covers do. ``--data noisy`` is the old
+recipe: a real cover vector plus Gaussian noise with ``noise**2`` times the real vectors'
+covariance (4,844 tight clusters: easy). Queries are drawn the same way with another seed
+(held out: not in the database). ``--dtype float16`` writes the database as float16, as an
+index with ``vector_dtype`` float16 keeps vectors.npy (the build reads it, the PQ re-rank reads
+its rows). Ground truth: exact inner-product search over the whole database.
 
 Each build runs in its own subprocess (peak RSS: its VmHWM), then another subprocess
 opens the written index from disk (IVF memory-mapped, stored search parameters applied) and
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import realistic_corpus
 from bench_coldstart import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,25 +49,6 @@ def import_ann_alone():
 
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def make_data(real: np.ndarray, n: int, noise: float, seed: int, out: Path | None,
-              chunk: int = 100_000) -> np.ndarray:
-    """n rows of real[j] + N(0, noise² Σ_real), renormalised; written to ``out`` when given."""
-    rng = np.random.default_rng(seed)
-    cov = np.cov(real, rowvar=False).astype(np.float64)
-    chol = np.linalg.cholesky(cov + 1e-6 * np.eye(cov.shape[0]))
-    x = (np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(n, real.shape[1]))
-         if out else np.empty((n, real.shape[1]), np.float32))
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        v = real[rng.integers(0, len(real), b - a)] + noise * (rng.standard_normal((b - a, real.shape[1])) @ chol.T)
-        x[a:b] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    if out:
-        x.flush()
-        del x
-        return np.load(out, mmap_mode="r")
-    return x
 
 
 def child_build(args: argparse.Namespace) -> None:
@@ -89,7 +75,7 @@ def child_search(args: argparse.Namespace) -> None:
     queries = np.load(args.work / "queries.npy")
     truth = np.load(args.work / "truth.npy")
     base = np.load(args.work / "base.npy", mmap_mode="r")  # what Index.search re-ranks against
-    factor = ann.refine_factor(info["index_key"])
+    factor = ann.refine_factor(info["index_key"], info["search_params"])
     faiss.omp_set_num_threads(1)
     found = np.empty_like(truth)
     lat = []
@@ -125,15 +111,19 @@ def run_child(args: argparse.Namespace, role: str, kind: str, key: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", type=Path, default=Path("indexes/covers"))
+    p.add_argument("--index", type=Path, default=Path("indexes/merged"), help="real vectors to fit the data to")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall/latency")
     p.add_argument("--tune-queries", type=int, default=500, help="rows held out to tune nprobe/efSearch")
     p.add_argument("--target", type=float, default=0.95, help="recall@10 the tuning aims at")
-    p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=0.5, help="--data noisy: the noise scale")
+    p.add_argument("--data", choices=("realistic", "noisy"), default="realistic")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="how the database vectors are kept on disk (an index's vector_dtype)")
     p.add_argument("--kinds", default="flat;hnsw;ivfpq", help="; separated: flat, hnsw, ivfpq or factory strings")
     p.add_argument("--ivf-key", default=None, help="IVF factory string (default: the planned one)")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
+    p.add_argument("--reuse-data", action="store_true", help="keep the work folder's corpus from the last run")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     p.add_argument("--key", default=None, help=argparse.SUPPRESS)
@@ -146,20 +136,47 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     print(cpu_line())
     print(f"start: {load()} | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    snap = args.index / (args.index / "CURRENT").read_text().strip()
-    real = np.load(snap / "vectors.npy").astype(np.float32)
+    real = realistic_corpus.real_vectors(args.index)
+    if args.reuse_data and (args.work / "data.json").is_file():  # same recipe, n and dtype as last time
+        recipe = json.loads((args.work / "data.json").read_text())["recipe"]
+        print(f"data: reused {args.work / 'base.npy'} ({recipe})", flush=True)
+    else:
+        recipe = make_corpus(args, real)
+        (args.work / "data.json").write_text(json.dumps({"recipe": recipe, "n": args.n, "dtype": args.dtype}))
+    base = np.load(args.work / "base.npy", mmap_mode="r")
+    if len(base) != args.n or base.dtype != np.dtype(args.dtype):
+        raise SystemExit(f"{args.work / 'base.npy'} holds {len(base)} {base.dtype} rows, not {args.n} {args.dtype}")
+    keys = {"flat": "Flat", "hnsw": f"HNSW{ann.HNSW_M}",
+            "ivfpq": args.ivf_key or ann.plan_index(args.n, real.shape[1], kind="ivfpq").key}
+    run_kinds(args, ann, keys, recipe)
+
+
+def make_corpus(args: argparse.Namespace, real: np.ndarray) -> str:
+    """Write base.npy, queries.npy and truth.npy into the work folder; returns the recipe."""
+    ann = import_ann_alone()
     t = time.perf_counter()
-    base = make_data(real, args.n, args.noise, 1, args.work / "base.npy")
-    queries = make_data(real, args.queries, args.noise, 2, None)
+    if args.data == "realistic":
+        gen, check = realistic_corpus.fit(real)
+        recipe = (f"neighbour mix fitted to {len(real)} real vectors (σ={gen.sigma}; KS sim@1 "
+                  f"{check['candidates'][f'{gen.sigma:g}']['ks sim@1']}, sim@10 "
+                  f"{check['candidates'][f'{gen.sigma:g}']['ks sim@10']})")
+    else:
+        gen = realistic_corpus.NeighbourMix(real, np.arange(len(real))[:, None],
+                                            realistic_corpus.covariance_factor(real), args.noise)
+        recipe = f"{len(real)} real vectors + {args.noise}·N(0, Σ)"
+    base = gen.sample(args.n, 1, args.work / "base.npy", dtype=args.dtype)
+    queries = gen.sample(args.queries, 2).astype(args.dtype).astype(np.float32)
     np.save(args.work / "queries.npy", queries)
     gen_s = time.perf_counter() - t
     t = time.perf_counter()
     _, truth = ann.exact_knn([base], queries, 10)
     np.save(args.work / "truth.npy", truth)
-    print(f"data: {args.n} x {real.shape[1]} from {len(real)} real vectors + {args.noise}·N(0, Σ) "
-          f"in {gen_s:.0f} s; exact top-10 of {args.queries} queries in {time.perf_counter() - t:.0f} s")
-    keys = {"flat": "Flat", "hnsw": f"HNSW{ann.HNSW_M}",
-            "ivfpq": args.ivf_key or ann.plan_index(args.n, real.shape[1], kind="ivfpq").key}
+    print(f"data: {args.n} x {real.shape[1]} {args.dtype}, {recipe}, in {gen_s:.0f} s; "
+          f"exact top-10 of {args.queries} queries in {time.perf_counter() - t:.0f} s", flush=True)
+    return recipe
+
+
+def run_kinds(args: argparse.Namespace, ann, keys: dict[str, str], recipe: str) -> None:
     rows = []
     for kind in args.kinds.split(";"):
         key = keys.get(kind, kind)
@@ -176,12 +193,14 @@ def main() -> None:
         print(f"{name}: {key} build {r['build_s']:.0f} s (train {r['train_s']:.0f}, tune {r['tune_s']:.0f}) "
               f"rss {r['peak_rss_gb']:.2f} GB disk {r['disk_mb']:.0f} MB recall@10 {r['recall']:.3f} "
               f"p50 {r['p50_ms']:.2f} ms p95 {r['p95_ms']:.2f} ms {r['params']} | {r['load']}", flush=True)
-    (args.work / "results.json").write_text(
-        json.dumps({"cpu": cpu_line(), "n": args.n, "noise": args.noise, "rows": rows}, indent=2))
-    print("\n| index | factory | build s | peak RSS GB | disk MB | recall@10 | p50 ms | p95 ms | params |")
+    (args.work / "results.json").write_text(json.dumps(
+        {"cpu": cpu_line(), "n": args.n, "data": args.data, "recipe": recipe, "dtype": args.dtype, "rows": rows},
+        indent=2))
+    print("\n| index | factory | build s (+ tune) | peak RSS GB | disk MB | recall@10 | p50 ms | p95 ms | params |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | `{r['key']}` | {r['build_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['disk_mb']:.0f} "
+        print(f"| {r['kind']} | `{r['key']}` | {r['build_s']:.0f} (+{r['tune_s']:.0f}) | {r['peak_rss_gb']:.2f} "
+              f"| {r['disk_mb']:.0f} "
               f"| {r['recall']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {ann.params_string(r['params'])} |")
     print(f"end: {load()}")
 
