@@ -571,9 +571,9 @@ def build_index(
 
     result = build(index, refit=refit, max_sample=max_sample, notify=typer.echo, device=device, weights=weights,
                    progress=True)
-    verb = "fitted the compression on" if result.refit else "appended"
-    typer.echo(f"{verb} {result.added} covers from {result.shards} shards; index holds {result.count} covers"
-               f" [{result.seconds:.1f} s]")
+    done = (f"fitted the compression again and transformed all {result.count} covers ({result.added} new)"
+            if result.refit else f"appended {result.added} covers from {result.shards} shards")
+    typer.echo(f"{done}; index holds {result.count} covers [{result.seconds:.1f} s]")
     if result.refit and (index / "heads").is_dir():
         typer.echo(f"the vectors changed: train the heads again (stylegen train --index {index})"
                    if result.vectors_changed else
