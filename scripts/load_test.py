@@ -251,7 +251,10 @@ def start_server(app) -> tuple[str, object, threading.Thread]:
     """uvicorn in a daemon thread on a free loopback port; returns (url, server, thread)."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says TCP; with proto 0 every keep-alive response waited ~40 ms for
+    # the client's delayed ACK (Nagle), which `stylegen serve` (uvicorn binding itself) never did
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = uvicorn.Server(config)

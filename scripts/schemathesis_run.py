@@ -92,7 +92,7 @@ def start_server(index: Path, token: str) -> tuple[str, object, threading.Thread
 
     engine = Engine.open(index, device="cpu")
     engine.featurizer  # noqa: B018  (load the model before the first request)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY on accepted sockets
     sock.bind(("127.0.0.1", 0))
     app = create_app(engine, token=token, rate_limit=None)
     config = uvicorn.Config(app, log_level="error", lifespan="off", access_log=False)

@@ -59,7 +59,7 @@ def browser_engine(tmp_path_factory):
 @pytest.fixture
 def live_server(browser_engine):
     """The app under uvicorn in a thread, on a loopback port chosen by the OS."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY on accepted sockets
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(browser_engine), log_level="warning", lifespan="off")
