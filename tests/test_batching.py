@@ -11,6 +11,7 @@ covers have no near-ties at that scale)."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,6 +162,28 @@ def test_batcher_window_gathers_requests_that_arrive_together() -> None:
     with ThreadPoolExecutor(5) as pool:
         list(pool.map(one, range(5)))
     assert sum(sizes) == 5 and len(sizes) < 5  # a window of 5 s gathers the burst
+
+
+def test_a_lone_admitted_request_does_not_wait_for_the_window() -> None:
+    """Nothing else is admitted, so nothing can join its batch: it runs at once, not after
+    the window (a 5 s window would otherwise hold it 5 s); two admitted requests still wait."""
+    sizes: list[int] = []
+    batcher = Batcher(lambda reqs: sizes.append(len(reqs)) or [None] * len(reqs), max_batch=8, window=5.0)
+    t = time.monotonic()
+    with batcher.admit():
+        batcher.call(0, {})
+    assert time.monotonic() - t < 2.0 and sizes == [1]
+    batcher.window = 0.5
+    barrier = threading.Barrier(2)
+
+    def one(i: int) -> None:
+        with batcher.admit():
+            barrier.wait()
+            batcher.call(i, {})
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, range(2)))
+    assert sizes[1:] == [2]  # the second arrived within the window: one batch
 
 
 def test_batcher_passes_each_request_its_own_error() -> None:

@@ -6,7 +6,9 @@ queues it and waits; one worker thread takes the first waiting request, then wha
 arrives within ``window`` seconds of it, up to ``max_batch`` requests, and answers them with
 one call of ``run`` (the engine's ``query_batch``: one forward pass, heads and search per
 group). Under load the worker is busy while requests queue, so it takes up to ``max_batch``
-of them at once without waiting; when idle, a lone request waits at most ``window``.
+of them at once without waiting; when idle, a lone request waits at most ``window``, and not
+at all when it is the only one admitted (nothing else is being read or decoded that could join:
+at concurrency 1 the window only added its 5 ms, docs/benchmarks.md).
 
 The queue is bounded: at most ``max_pending`` requests are admitted and not yet answered
 (decoding, queued or in the running batch); beyond that :meth:`Batcher.admit` refuses with
@@ -108,7 +110,9 @@ class Batcher:
     def _take(self) -> list[_Job]:
         """The first waiting job, then more until ``max_batch`` or ``window`` after it arrived."""
         batch = [self.queue.get()]
-        deadline = batch[0].arrived + self.window
+        with self._guard:  # admitted through admit() and alone: nothing can join, run it at once
+            alone = self.pending == 1 and self.queue.empty()
+        deadline = batch[0].arrived + (0.0 if alone else self.window)
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
             try:
