@@ -167,3 +167,11 @@ def test_the_tuner_deepens_the_re_rank_when_more_lists_stop_helping(rng, tmp_pat
     assert deep >= 0.85 and deep > shallow + 0.1, (shallow, deep)
     rows = np.array([3, 17, 5999])
     np.testing.assert_array_equal(ann.read_rows(mapped, rows), x[:6000][rows])  # pread, not the map
+    # an opened index re-ranks as deep as its manifest says (not the default depth)
+    entry = json.loads(json.dumps(ann.write_index(r, tmp_path / "built.faiss")))
+    assert entry["search_params"]["refine"] == depth
+    write_snapshot_by_hand(tmp_path / "idx", tmp_path / "built.faiss", entry, x[:6000].astype(np.float16))
+    opened = Index.open(tmp_path / "idx", use_gpu=False)
+    assert opened.vectors.dtype == np.float16  # memory-mapped float16 rows, as vector_dtype float16 keeps them
+    _, ids = opened.search(q, k=10)
+    assert ann.recall_at(ids, truth, 10) > shallow + 0.1
