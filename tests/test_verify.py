@@ -229,3 +229,47 @@ def test_service_similar_verify_answers_as_the_cli(tiny_index, tmp_path: Path):
     assert [h["id"] for h in got] == [h["id"] for h in cli] and got[0]["id"] == row["c4"]
     assert got[0]["verified"] and got[0]["transform"] == cli[0]["transform"]
     assert "verified" not in plain[0]
+
+
+def test_centre_vectors_propose_pairs_the_covers_own_vectors_do_not(tiny_index):
+    """With one candidate per cover, a pair (i, j) that is not proposed becomes a candidate when
+    cover i's centre-square vector is cover j's vector: what a photo of cover j on a table gives."""
+    from stylegen.apps.duplicates import candidate_pairs
+
+    root, _ = tiny_index
+    index = Index.open(root / "idx")
+    base = candidate_pairs(index, k=1, floor=-1.0)
+    proposed = set(zip(base["a"], base["b"], strict=True))
+    i, j = next((i, j) for i in range(len(index)) for j in range(i + 1, len(index)) if (i, j) not in proposed)
+    centre = np.zeros((len(index), index.vectors.shape[1]), np.float32)  # zero rows propose nothing new
+    centre[i] = index.vectors[j]
+    got = candidate_pairs(index, k=1, floor=-1.0, centre=centre)
+    pairs = set(zip(got["a"], got["b"], strict=True))
+    assert (i, j) in pairs and proposed <= pairs
+
+
+def test_centre_vectors_are_the_centre_square_embedded_like_a_query(tiny_index):
+    from stylegen.query.engine import Engine
+
+    root, row = tiny_index
+    engine = Engine.open(root / "idx")
+    path = str(root / "c3.jpg")
+    got = verify.centre_vectors(engine, [path, str(root / "missing.jpg")])
+    img = Image.open(path).convert("RGB")
+    side = verify.CENTRE_CROP * min(img.size)
+    left, top = (img.size[0] - side) / 2, (img.size[1] - side) / 2
+    crop = img.crop((round(left), round(top), round(left + side), round(top + side)))
+    expected = engine.query_many([crop], classify=False)[0][0].vector
+    np.testing.assert_allclose(got[0], expected, atol=1e-6)
+    assert not np.allclose(got[0], engine.index.vectors[row["c3"]], atol=1e-2)  # not the whole cover
+    assert not got[1].any()  # an unreadable image proposes nothing
+
+
+def test_duplicates_photos_flag_finds_the_same_groups_and_needs_verification(tiny_index):
+    root, _ = tiny_index
+    out = CliRunner().invoke(app, ["duplicates", "--index", str(root / "idx"), "--photos", "--json"])
+    assert out.exit_code == 0, out.output
+    groups = sorted(sorted(Path(m["image"]).stem for m in g) for g in json.loads(out.output)["groups"])
+    assert groups == [["c0", "copy_border"], ["c1", "copy_mirror"], ["c2", "copy_crop"]]
+    bad = CliRunner().invoke(app, ["duplicates", "--index", str(root / "idx"), "--photos", "--no-verify"])
+    assert bad.exit_code != 0 and "--photos" in str(bad.exception)

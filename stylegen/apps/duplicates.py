@@ -170,9 +170,13 @@ def _search_base(mine: np.ndarray, index: Index, by: str, exact: bool) -> faiss.
 
 
 def candidate_pairs(index: Index, against: Index | None = None, k: int = DEFAULT_CANDIDATES,
-                    floor: float = CANDIDATE_FLOOR, by: tuple[str, ...] = CANDIDATE_BY) -> pd.DataFrame:
+                    floor: float = CANDIDATE_FLOOR, by: tuple[str, ...] = CANDIDATE_BY,
+                    centre: np.ndarray | None = None) -> pd.DataFrame:
     """Stage one: each cover's ``k`` nearest covers by each of ``by`` (similarity >= ``floor``).
 
+    ``centre``: index vectors of each querying cover's centre square (``against``'s covers, else
+    this index's; :func:`stylegen.query.verify.centre_vectors`); their ``k`` nearest covers of
+    this index are proposed too (photos of a cover, mostly table around it).
     Columns ``a`` (this index's row), ``b`` (a row of ``against``, else of this index, ``a < b``)
     and ``similarity`` (on style + content).
     """
@@ -184,21 +188,32 @@ def candidate_pairs(index: Index, against: Index | None = None, k: int = DEFAULT
         mine = index.part_vectors(index.vectors, part)
         queries = mine if against is None else comparable_vectors(index, against, part)
         qi, bi, _ = knn_pairs(queries, _search_base(mine, index, part, exact), floor, k + (against is None))
-        if against is None:
-            keep = qi != bi
-            found.append(np.stack([np.minimum(qi, bi)[keep], np.maximum(qi, bi)[keep]], 1))
-        else:
-            found.append(np.stack([bi, qi], 1))
+        found.append(_oriented(qi, bi, against is None))
+    if centre is not None:
+        if len(centre) != (len(index) if against is None else len(against)):
+            raise StylegenError(f"{len(centre)} centre vectors for {len(index) if against is None else len(against)} covers")
+        qi, bi, _ = knn_pairs(np.ascontiguousarray(centre, np.float32), _search_base(both, index, "both", exact),
+                              floor, k + (against is None))
+        found.append(_oriented(qi, bi, against is None))
     ab = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
     sims = np.einsum("ij,ij->i", np.asarray(both)[ab[:, 0]], np.asarray(other)[ab[:, 1]]) if len(ab) else []
     return pd.DataFrame({"a": ab[:, 0].astype(np.int64), "b": ab[:, 1].astype(np.int64),
                          "similarity": np.asarray(sims, np.float32)})
 
 
+def _oriented(qi: np.ndarray, bi: np.ndarray, same: bool) -> np.ndarray:
+    """(a, b) rows of found pairs: within one index ``a < b`` without self-pairs; across two,
+    ``a`` this index's row and ``b`` the other's."""
+    if same:
+        keep = qi != bi
+        return np.stack([np.minimum(qi, bi)[keep], np.maximum(qi, bi)[keep]], 1)
+    return np.stack([bi, qi], 1)
+
+
 def verified_duplicates(index: Index, against: Index | None = None, k: int = DEFAULT_CANDIDATES,
                         min_inliers: int | None = None, min_coverage: float | None = None,
                         floor: float = CANDIDATE_FLOOR, keypoints_dir: str | Path | None = None,
-                        keypoints: Any = None) -> Duplicates:
+                        keypoints: Any = None, centre: np.ndarray | None = None) -> Duplicates:
     """Candidates from FAISS (:func:`candidate_pairs`), kept when local features verify them
     (at least ``min_inliers`` inliers whose hull covers ``min_coverage`` of an image).
 
@@ -206,7 +221,8 @@ def verified_duplicates(index: Index, against: Index | None = None, k: int = DEF
     Keypoints are computed once per cover into memory-mapped files in ``keypoints_dir``
     (None: a temporary folder, removed at the end; 66 KB per cover), or taken from
     ``keypoints`` (a :class:`stylegen.query.verify.KeypointCache` over this index's rows, then
-    ``against``'s).
+    ``against``'s). ``centre``: centre-square vectors that propose more candidates
+    (:func:`candidate_pairs`; ``stylegen duplicates --photos``).
     """
     import json
     import tempfile
@@ -221,7 +237,7 @@ def verified_duplicates(index: Index, against: Index | None = None, k: int = DEF
     if not 0.0 <= min_coverage <= 1.0:
         raise StylegenError(f"min_coverage is a share of the image in [0, 1], got {min_coverage}")
     t0 = time.perf_counter()
-    cand = candidate_pairs(index, against, k, floor)
+    cand = candidate_pairs(index, against, k, floor, centre=centre)
     t1 = time.perf_counter()
     n_self = len(index)
     paths = list(index.metadata["path"]) + ([] if against is None else list(against.metadata["path"]))

@@ -25,7 +25,7 @@ OpenCV is imported on first use (it costs ~0.2 s).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,16 @@ def verify_neighbours(engine: Any, item: Any, vector: np.ndarray, hits: list[dic
 
 def _centre_vector(engine: Any, item: Any) -> np.ndarray | None:
     """The index vector of the query's centre square (:data:`CENTRE_CROP`), embedded like any query."""
+    crop = _centre_square(item)
+    if crop is None:
+        return None
+    results, _ = engine.query_many([crop], classify=False)
+    return results[0].vector if results else None
+
+
+def _centre_square(item: Any) -> Image.Image | None:
+    """The centre square (:data:`CENTRE_CROP` of the shorter side) of an image given as a PIL
+    image, a path, bytes or decoded pixels; None when it cannot be read."""
     try:
         if isinstance(item, Image.Image):
             img = item.convert("RGB")
@@ -376,9 +386,23 @@ def _centre_vector(engine: Any, item: Any) -> np.ndarray | None:
     w, h = img.size
     side = CENTRE_CROP * min(w, h)
     left, top = (w - side) / 2, (h - side) / 2
-    crop = img.crop((round(left), round(top), round(left + side), round(top + side)))
-    results, _ = engine.query_many([crop], classify=False)
-    return results[0].vector if results else None
+    return img.crop((round(left), round(top), round(left + side), round(top + side)))
+
+
+def centre_vectors(engine: Any, paths: Sequence[str], batch: int = 64) -> np.ndarray:
+    """Index vectors of each image's centre square (one more forward pass per image), in the
+    engine's vector space; a row of zeros where an image cannot be read (it proposes nothing).
+    ``stylegen duplicates --photos`` proposes covers near these as candidates: a photo of a
+    cover on a table is mostly table, its centre mostly cover."""
+    out = np.zeros((len(paths), engine.index.vectors.shape[1]), np.float32)
+    for a in range(0, len(paths), batch):
+        crops = {i: _centre_square(paths[i]) for i in range(a, min(a + batch, len(paths)))}
+        good = [i for i, c in crops.items() if c is not None]
+        if good:
+            results, _ = engine.query_many([crops[i] for i in good], classify=False, labels=[str(i) for i in good])
+            for r in results:  # by label: one that fails to embed is left out, not misplaced
+                out[int(r.label)] = r.vector
+    return out
 
 
 def _query_keypoints(item: Any, cache: KeypointCache) -> Keypoints | None:
