@@ -21,6 +21,7 @@ overlay, mirror, white border + JPEG q20, photo on a table), so every alteration
 Usage::
 
     python scripts/bench_verify.py --index indexes/covers --work out/verify --out out/verify/results.json
+    python scripts/bench_verify.py --index indexes/covers --work out/verify_photos --photos --out out/verify_photos/results.json
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--report", type=int, default=600)
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--photos", action="store_true", help="duplicates --photos: centre-square candidates too")
     ap.add_argument("--compare-decoding", type=Path, nargs="*", default=None,
                     help="only: recall@1 of similar without verification on these indexes (e.g. with and without "
                          "border trim), all copies of both splits")
@@ -215,7 +217,14 @@ def main() -> None:
     index = combined_index(base, copies, vectors, args.work)
     meta = index.metadata.copy()
     meta["family_id"] = [row_of[f] if isinstance(f, str) else i for i, f in enumerate(meta["family"])]
-    cand = candidate_pairs(index)
+    centre = None
+    if args.photos:
+        from stylegen.query.engine import Engine
+
+        t = time.perf_counter()
+        centre = verify.centre_vectors(Engine(index), list(index.metadata["path"]))
+        res["duplicates"]["centre_seconds"] = round(time.perf_counter() - t, 1)
+    cand = candidate_pairs(index, centre=centre)
     cset = set(zip(cand["a"].tolist(), cand["b"].tolist(), strict=True))
     fam = meta["family_id"].to_numpy()
     copy_rows = np.flatnonzero(meta["alteration"].notna().to_numpy())
@@ -234,7 +243,7 @@ def main() -> None:
             kp._disk[name][:n_orig] = np.load(sim_dir / f"{name}.npy", mmap_mode="r")
     reused = int((kp._disk["info"][:, 0] != -1).sum())
     t = time.perf_counter()
-    loose = verified_duplicates(index, min_inliers=4, min_coverage=0.0, keypoints=kp)
+    loose = verified_duplicates(index, min_inliers=4, min_coverage=0.0, keypoints=kp, centre=centre)
     res["duplicates"]["keypoints_reused_from_similar"] = reused
     total = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
