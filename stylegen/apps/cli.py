@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from stylegen.errors import StylegenError
+from stylegen.errors import ModelNotFoundError, StylegenError
 from stylegen.query.options import BY, DEFAULT_K, DEFAULT_TOP, METHODS, choices
 
 DEFAULT_COVERS = Path("indexes/default")  # where `embed` puts covers without --index
@@ -592,7 +592,7 @@ def duplicates(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify FAISS candidates with local features (default), or keep pairs by vector similarity alone.")] = True,
     min_inliers: Annotated[int | None, typer.Option(help="With --verify: keypoints that must agree with one homography (default chosen on planted copies).")] = None,
     candidates: Annotated[int | None, typer.Option(min=1, help="With --verify: nearest covers per cover (by style + content and by content) to verify.")] = None,
-    photos: Annotated[bool, typer.Option("--photos", help="With --verify: also propose the covers nearest each cover's centre square (one more forward pass per cover), which finds photos of a cover on a table.")] = False,
+    photos: Annotated[bool, typer.Option("--photos/--no-photos", help="With --verify: also propose the covers nearest each cover's centre square (default; one more forward pass per cover), which finds photos of a cover on a table.")] = True,
 ) -> None:
     """Groups of near-duplicate covers (rescans, re-encodes, stickers, borders, photos)."""
     from stylegen.apps.duplicates import (
@@ -608,8 +608,8 @@ def duplicates(
 
     if verify and (threshold is not None or by != "both"):
         raise StylegenError("--threshold and --by choose the vector-only search: add --no-verify")
-    if not verify and (min_inliers is not None or candidates is not None or photos):
-        raise StylegenError("--min-inliers, --candidates and --photos belong to verification: drop --no-verify")
+    if not verify and (min_inliers is not None or candidates is not None):
+        raise StylegenError("--min-inliers and --candidates belong to verification: drop --no-verify")
     idx, other = Index.open(_covers_index(index, "duplicates")), Index.open(against) if against is not None else None
     if verify:
         centre = None
@@ -618,7 +618,12 @@ def duplicates(
             from stylegen.query.verify import centre_vectors
 
             queried = other if other is not None else idx
-            centre = centre_vectors(Engine(idx), list(queried.metadata["path"]))
+            try:
+                engine = Engine(idx)
+                engine.featurizer  # noqa: B018  (its weights, before any work)
+            except ModelNotFoundError as exc:
+                raise ModelNotFoundError(f"{exc} (or skip the centre squares: --no-photos)") from None
+            centre = centre_vectors(engine, list(queried.metadata["path"]))
         dups = verified_duplicates(idx, other, candidates or DEFAULT_CANDIDATES, min_inliers, centre=centre)
     else:
         dups = find_duplicates(idx, DEFAULT_THRESHOLD if threshold is None else threshold, by, other)

@@ -83,8 +83,9 @@ class Duplicates:
         covers = sum(len(g) for g in self.groups)
         head = f"{len(self.groups)} groups of near-duplicates ({covers} covers, {len(self.pairs)} pairs)"
         if self.method == "verified":
+            centre = " (with the covers' centre squares)" if (self.seconds or {}).get("centre_squares") else ""
             return (f"{head} verified by local features (>= {self.threshold:g} inliers) "
-                    f"among {self.candidates} candidate pairs")
+                    f"among {self.candidates} candidate pairs{centre}")
         return f"{head} at similarity >= {self.threshold:g} by {self.by} ({self.method} search)"
 
 
@@ -264,7 +265,7 @@ def verified_duplicates(index: Index, against: Index | None = None, k: int = DEF
     groups = group_pairs(n_self + n_other, a, b + offset)
     return Duplicates(pairs, groups, n_self, float(min_inliers), "both", "verified", len(cand),
                       {"candidates": round(t1 - t0, 3), "verify": round(t2 - t1, 3),
-                       "keypoints_computed": computed})
+                       "keypoints_computed": computed, "centre_squares": int(centre is not None)})
 
 
 def find_duplicates(index: Index, threshold: float = DEFAULT_THRESHOLD, by: str = "both",
