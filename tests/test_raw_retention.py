@@ -205,3 +205,22 @@ def test_manifest_records_the_policy_and_another_is_refused(tmp_path, rng):
     assert check_raw_retention(legacy, RawRetention("all")).policy == "all"
     with pytest.raises(IndexMismatchError, match="policy all, asked for none"):
         check_raw_retention(legacy, RawRetention("none"))
+
+
+def test_clean_partial_removes_a_killed_prunes_temporary_files_inside_shards_only(tmp_path):
+    """A prune writes its new raw arrays through temporary files inside the shard folder; a run
+    killed there leaves one, which the next run's clean-up removes, and nothing else."""
+    from stylegen.index.shards import clean_partial, write_shard
+    from stylegen.util.persist import TMP_PREFIX
+
+    raw = {"style": np.ones((2, 4), np.float32)}
+    meta = pd.DataFrame({"image": ["a.png", "b.png"], "content_hash": ["ha", "hb"]})
+    shard = write_shard(tmp_path, raw, meta, {"ingest_id": "x"})
+    stale = shard.path / f"{TMP_PREFIX}raw_style.g1.npy.abc"
+    stale.write_bytes(b"half")
+    before = sorted(p.name for p in shard.path.iterdir() if p != stale)
+    clean_partial(tmp_path)
+    assert not stale.exists() and sorted(p.name for p in shard.path.iterdir()) == before
+    kept = shard.keep_raw([1])  # the prune itself leaves no temporary file behind
+    assert not [p for p in kept.path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    np.testing.assert_array_equal(kept.raw()["style"], raw["style"][[1]].astype(np.float16))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,13 +33,7 @@ import numpy as np
 import pandas as pd
 
 from stylegen.config import EmbedConfig
-from stylegen.util.persist import (
-    TMP_PREFIX,
-    atomic_write_text,
-    clean_temporary,
-    fsync_dir,
-    write_folder,
-)
+from stylegen.util.persist import atomic_write, atomic_write_text, clean_temporary, write_folder
 
 SHARDS = "shards"
 SHARD_JSON = "shard.json"
@@ -146,7 +139,7 @@ class Shard:
         generation = int(self.info.get("raw_generation", 0)) + 1
         files = {p: f"raw_{p}.g{generation}.npy" for p in self.info["parts"]}
         for part, x in self.raw().items():
-            _save_into(self.path / files[part], np.ascontiguousarray(x[at]))
+            atomic_write(self.path / files[part], lambda tmp, kept=np.ascontiguousarray(x[at]): _save_npy(tmp, kept))
         stale = sorted({self.raw_file(p).name for p in self.info["parts"]} - set(files.values()))
         info = {**self.info, "raw_rows": keep.tolist(), "raw_files": files, "raw_generation": generation,
                 "raw_stale": stale}
@@ -207,22 +200,14 @@ def write_shard(
     return Shard(write_folder(root, name, fill), full)
 
 
-def _save_into(path: Path, x: np.ndarray) -> None:
-    """``np.save`` to ``path`` atomically; the temporary file lies in the shards folder, where
-    :func:`clean_partial` finds it after a killed run."""
-    tmp = path.parent.parent / f"{TMP_PREFIX}{path.parent.name}-{path.name}"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, x)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # through a handle: np.save would add ".npy" to a temporary name
+        np.save(fh, x)
 
 
 def clean_partial(index_dir: Path) -> None:
-    """Remove half-written shards left by a killed run (call with the index lock held)."""
+    """Remove half-written shards left by a killed run, and the temporary files a killed prune
+    left inside complete shards (call with the index lock held)."""
     clean_temporary(shards_dir(index_dir))
+    for shard in shards_dir(index_dir).glob("shard-*"):
+        clean_temporary(shard)
