@@ -161,8 +161,7 @@ def make_corpus(args: argparse.Namespace, real: np.ndarray) -> str:
                   f"{check['candidates'][f'{gen.sigma:g}']['ks sim@1']}, sim@10 "
                   f"{check['candidates'][f'{gen.sigma:g}']['ks sim@10']})")
     else:
-        gen = realistic_corpus.NeighbourMix(real, np.arange(len(real))[:, None],
-                                            realistic_corpus.covariance_factor(real), args.noise)
+        gen = realistic_corpus.noisy_copies(real, args.noise)
         recipe = f"{len(real)} real vectors + {args.noise}·N(0, Σ)"
     base = gen.sample(args.n, 1, args.work / "base.npy", dtype=args.dtype)
     queries = gen.sample(args.queries, 2).astype(args.dtype).astype(np.float32)

@@ -31,17 +31,6 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
-def top10(base: np.ndarray, queries: np.ndarray, skip_self: bool) -> np.ndarray:
-    out = []
-    for a in range(0, len(queries), 256):
-        s = queries[a:a + 256] @ base.T
-        if skip_self:
-            s[np.arange(len(s)), np.arange(a, a + len(s))] = -np.inf
-        part = np.argpartition(-s, 10, axis=1)[:, :10]
-        out.append(np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, 1), axis=1), 1))
-    return np.concatenate(out)
-
-
 def main() -> None:
     import stylegen
 
@@ -56,7 +45,7 @@ def main() -> None:
     f16 = stylegen.Index.open(a.float16, use_gpu=False)
     x32 = np.asarray(f32.vectors, np.float32)
     assert f16.manifest.get("vector_dtype") == "float16" and len(f16) == len(f32)
-    truth = top10(x32, x32, skip_self=True)
+    truth = realistic_corpus.top_k(x32, x32, 10, skip_self=True)[1]
     _, ids = f16.search(np.asarray(f16.vectors, np.float32), k=11)
     own = [[j for j in row if j != i][:10] for i, row in enumerate(ids)]
     print(f"real covers ({len(f32)}): recall@10 of the float16 index's search vs exact float32: "
@@ -65,8 +54,8 @@ def main() -> None:
     gen, _ = realistic_corpus.fit(realistic_corpus.real_vectors(a.real))
     base = gen.sample(a.n, 1)
     queries = gen.sample(500, 2)
-    exact = top10(base, queries, skip_self=False)
-    rounded = top10(base.astype(np.float16).astype(np.float32), queries, skip_self=False)
+    exact = realistic_corpus.top_k(base, queries, 10)[1]
+    rounded = realistic_corpus.top_k(base.astype(np.float16).astype(np.float32), queries, 10)[1]
     print(f"realistic corpus ({a.n:,}): recall@10 of exact search over float16 rows vs float32 rows: "
           f"{recall(rounded, exact):.4f}")
 

@@ -66,9 +66,10 @@ class NeighbourMix:
         return x
 
 
-def noisy_copies(real: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
-    """The old recipe (``bench_scale.py --data noisy``): a real vector + noise·L·ε, renormalised."""
-    return NeighbourMix(real, np.arange(len(real))[:, None], covariance_factor(real), noise).sample(n, seed)
+def noisy_copies(real: np.ndarray, noise: float) -> NeighbourMix:
+    """The old recipe (``bench_scale.py --data noisy``): a real vector + noise·L·ε, renormalised
+    (each anchor its own only neighbour)."""
+    return NeighbourMix(real, np.arange(len(real))[:, None], covariance_factor(real), noise)
 
 
 def covariance_factor(real: np.ndarray) -> np.ndarray:
@@ -76,21 +77,24 @@ def covariance_factor(real: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(cov + 1e-6 * np.eye(cov.shape[0])).astype(np.float32)
 
 
-def nearest(base: np.ndarray, queries: np.ndarray, k: int, skip_self: bool = False) -> np.ndarray:
-    """Similarities of each query's ``k`` nearest rows of ``base``, best first (exact)."""
-    out = []
+def top_k(base: np.ndarray, queries: np.ndarray, k: int, skip_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product (similarities, rows) of each query's ``k`` nearest rows of ``base``,
+    best first; ``skip_self``: query ``i`` is row ``i`` of ``base`` and is left out."""
+    sims, ids = [], []
     for a in range(0, len(queries), 1024):
         s = queries[a:a + 1024] @ base.T
         if skip_self:
             s[np.arange(len(s)), np.arange(a, a + len(s))] = -np.inf
-        top = -np.sort(-np.partition(s, -k, axis=1)[:, -k:], axis=1)
-        out.append(top)
-    return np.concatenate(out)
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
+        ids.append(np.take_along_axis(part, order, 1))
+        sims.append(np.take_along_axis(s, ids[-1], 1))
+    return np.concatenate(sims), np.concatenate(ids)
 
 
 def neighbour_profile(base: np.ndarray, queries: np.ndarray) -> dict[str, np.ndarray]:
     """The 1st and 10th nearest-neighbour similarity of each query in ``base``."""
-    top = nearest(base, queries, 10)
+    top, _ = top_k(base, queries, 10)
     return {"sim@1": top[:, 0], "sim@10": top[:, 9]}
 
 
@@ -114,9 +118,10 @@ def fit(real: np.ndarray, n_check: int = 500, seed: int = 0,
     base, queries = real[~held], real[held]
     target = neighbour_profile(base, queries)
     chol = covariance_factor(base)
-    nbrs = nearest_ids(base, K_NEIGHBOURS)
+    nbrs = top_k(base, base, K_NEIGHBOURS, skip_self=True)[1]
     check: dict = {"real": _summary(target), "n_base": int(len(base)), "n_queries": int(n_check), "candidates": {}}
-    old = neighbour_profile(noisy_copies(base, len(base), 0.5, 1), noisy_copies(base, n_check, 0.5, 2))
+    noisy = noisy_copies(base, 0.5)
+    old = neighbour_profile(noisy.sample(len(base), 1), noisy.sample(n_check, 2))
     check["noisy copies (old recipe, noise 0.5)"] = {**_summary(old), **_distance(old, target)}
     best = None
     for sigma in sigmas:
@@ -127,20 +132,8 @@ def fit(real: np.ndarray, n_check: int = 500, seed: int = 0,
         if best is None or dist["ks_sum"] < best[1]:
             best = (sigma, dist["ks_sum"])
     check["sigma"] = best[0]
-    full = NeighbourMix(real, nearest_ids(real, K_NEIGHBOURS), covariance_factor(real), best[0])
+    full = NeighbourMix(real, top_k(real, real, K_NEIGHBOURS, skip_self=True)[1], covariance_factor(real), best[0])
     return full, check
-
-
-def nearest_ids(x: np.ndarray, k: int) -> np.ndarray:
-    """Each row's ``k`` nearest other rows (exact inner product)."""
-    out = []
-    for a in range(0, len(x), 1024):
-        s = x[a:a + 1024] @ x.T
-        s[np.arange(len(s)), np.arange(a, a + len(s))] = -np.inf
-        part = np.argpartition(-s, k, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
-        out.append(np.take_along_axis(part, order, 1))
-    return np.concatenate(out)
 
 
 def _summary(p: dict[str, np.ndarray]) -> dict[str, list[float]]:
