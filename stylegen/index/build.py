@@ -54,8 +54,8 @@ from stylegen.index.store import (
 DEFAULT_MAX_SAMPLE = 100_000
 # Raw features a new index keeps (stylegen.index.retention): a seeded sample of the most covers a
 # refit fits on. Below DEFAULT_MAX_SAMPLE covers that is every cover (nothing is lost for a small
-# collection); above, raw storage stays at most 100,000 x 36.7 KB = 3.7 GB instead of growing
-# by 36.7 KB a cover (3.7 TB at 10^8). Indexes from before the setting keep everything.
+# collection); above, raw storage stays at most 100,000 x 38.2 KB = 3.8 GB instead of growing
+# by 38.2 KB a cover (3.8 TB at 10^8; docs/scale.md). Indexes from before the setting keep everything.
 DEFAULT_RAW_RETENTION = RawRetention("sample", DEFAULT_MAX_SAMPLE, seed=0)
 TRANSFORM_BATCH = 2048
 _LOC = ("_shard", "_row")  # where a row's raw features are: shard number, row in the shard
