@@ -1,6 +1,6 @@
 """Raw retention: which covers keep their raw (pre-compression) part vectors in the shards.
 
-Raw features cost 36.7 KB per cover (float16, the default backbone): 3.7 TB at 10^8 covers.
+Raw features cost 38.2 KB per cover (float16, the default backbone): 3.8 TB at 10^8 covers.
 They serve refits, per-tap explanations and comparing indexes of different compression.
 An index's manifest records its policy as ``raw_retention`` (absent: ``all``, as before it
 existed):
