@@ -224,3 +224,26 @@ def test_clean_partial_removes_a_killed_prunes_temporary_files_inside_shards_onl
     kept = shard.keep_raw([1])  # the prune itself leaves no temporary file behind
     assert not [p for p in kept.path.iterdir() if p.name.startswith(TMP_PREFIX)]
     np.testing.assert_array_equal(kept.raw()["style"], raw["style"][[1]].astype(np.float16))
+
+
+def test_a_shard_that_names_raw_features_outside_its_folder_is_refused(tmp_path):
+    """A shared index's shard.json could name ../../file or a link: never followed."""
+    import json
+
+    from stylegen.errors import DataError
+    from stylegen.index.shards import write_shard
+
+    outside = tmp_path / "secret.npy"
+    np.save(outside, np.ones((1, 4), np.float16))
+    shard = write_shard(tmp_path / "idx", {"style": np.ones((1, 4), np.float32)},
+                        pd.DataFrame({"image": ["a.png"], "content_hash": ["ha"]}), {"ingest_id": "x"})
+    info = json.loads((shard.path / "shard.json").read_text())
+    for named in ("../../../secret.npy", str(outside)):
+        (shard.path / "shard.json").write_text(json.dumps({**info, "raw_files": {"style": named}}))
+        with pytest.raises(DataError, match="outside its folder"):
+            list_shards(tmp_path / "idx")[0].raw()
+    (shard.path / "raw_style.npy").unlink()
+    (shard.path / "raw_style.npy").symlink_to(outside)
+    (shard.path / "shard.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="outside its folder"):
+        list_shards(tmp_path / "idx")[0].raw()

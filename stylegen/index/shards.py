@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from stylegen.config import EmbedConfig
+from stylegen.errors import DataError
 from stylegen.util.persist import atomic_write, atomic_write_text, clean_temporary, write_folder
 
 SHARDS = "shards"
@@ -105,7 +106,15 @@ class Shard:
         return {p: np.load(self.raw_file(p), mmap_mode="r" if mmap else None) for p in self.info["parts"]}
 
     def raw_file(self, part: str) -> Path:
-        return self.path / self.info.get("raw_files", {}).get(part, f"raw_{part}.npy")
+        """The file of one raw part: a plain file directly in this shard's folder. A shard.json
+        that names anything else (a path, a link out of the folder), e.g. in an index someone
+        shared, is refused rather than followed."""
+        name = str(self.info.get("raw_files", {}).get(part, f"raw_{part}.npy"))
+        path = self.path / name
+        if Path(name).name != name or path.is_symlink():
+            raise DataError(f"shard {self.name} names raw features outside its folder ({name!r}); "
+                            "remove the shard and embed again")
+        return path
 
     def raw_rows(self) -> np.ndarray:
         """The metadata rows that have raw features, ascending (all until pruned)."""
